@@ -1,0 +1,264 @@
+"""`headct-molre`: the command line of HeadCTMoLRE.
+
+Each subcommand is a thin wrapper over the library: it parses arguments, calls one library function and
+prints its result (text, or JSON with --json). Heavy modules (torch, transformers) are imported inside
+the handlers so that `headct-molre validate` stays fast.
+
+Exit status: 0 success, 2 refused input or bad arguments, 1 unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(value):
+    # numpy scalars/arrays and paths appear in reports; everything else is a bug worth seeing.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------------------------- validate
+def _cmd_validate(args) -> int:
+    from . import ctio, terminal
+
+    report = ctio.validation_report(args.input, series=args.series, hu_offset=args.hu_offset)
+    report.setdefault("source", str(args.input))
+    if args.json:
+        _print_json(report)
+    else:
+        print(terminal.format_validation(report))
+    return EXIT_OK if report["accepted"] else EXIT_REFUSED
+
+
+# ------------------------------------------------------------------------------------------------- demo
+def default_sample_path() -> Path:
+    """The bundled real head CT that `headct-molre demo` runs on (Resources/Samples)."""
+    from .resources import resource_path
+
+    return resource_path("Samples", "GE_head_axial_1x1x5mm.nii.gz")
+
+
+def _stack_summary(stack, timings_s: dict) -> dict:
+    return {
+        "shape": list(stack.pixels.shape),
+        "valid_slices": int(stack.slice_valid.sum()),
+        "spacing_mm": [float(v) for v in stack.spacing_mm],
+        "alignment": stack.alignment,
+        "warnings": list(stack.warnings),
+        "timings_s": timings_s,
+    }
+
+
+def _cmd_demo(args) -> int:
+    from . import ctio, preprocess, terminal
+
+    source = Path(args.input) if args.input else default_sample_path()
+    t0 = time.perf_counter()
+    report = ctio.validation_report(source)
+    report.setdefault("source", str(source))
+    if not report["accepted"]:
+        if args.json:
+            _print_json({"validation": report})
+        else:
+            print(terminal.format_validation(report))
+        return EXIT_REFUSED
+    volume = ctio.load_ct(source)
+    t1 = time.perf_counter()
+    stack = preprocess.preprocess(volume)
+    t2 = time.perf_counter()
+    summary = _stack_summary(stack, {"load": t1 - t0, "preprocess": t2 - t1})
+    if args.json:
+        _print_json({"validation": report, "preprocessing": summary})
+    else:
+        print(terminal.format_validation(report))
+        print(terminal.format_stack_summary(summary))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- phantoms
+def _cmd_phantoms(args) -> int:
+    from . import phantom
+
+    out = phantom.write_phantom_dataset(
+        Path(args.out), n=args.n, seed=args.seed, fmt="dicom" if args.dicom else "nifti"
+    )
+    print(f"wrote {args.n} synthetic head CT phantoms and labels.csv to {out}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------- info
+def _cmd_info(args) -> int:
+    from . import bundle
+
+    manifest = bundle.read_manifest(args.bundle)
+    if args.json:
+        _print_json(manifest)
+        return EXIT_OK
+    print(bundle.describe(manifest))
+    if args.verify:
+        bundle.load_bundle(args.bundle, verify=True)
+        print("All file hashes verified.")
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------- new-model
+def _cmd_new_model(args) -> int:
+    import torch
+
+    from . import backbones, bundle, findings, model, preprocess
+
+    catalog = findings.load_catalog(args.catalog) if args.catalog else findings.default_catalog()
+    torch.manual_seed(args.seed)
+    spec = backbones.BackboneSpec(
+        family=args.backbone, size=args.size, image_size=args.image_size,
+        source=str(Path(args.backbone_path).resolve()) if args.backbone_path else None,
+    )
+    config = model.ModelConfig(backbone=spec, num_findings=len(catalog), use_molre=not args.no_molre)
+    classifier = model.build_classifier(config, backbone_weights_dir=args.backbone_path)
+    pre = preprocess.PreprocessConfig(image_size=args.image_size, alignment=args.alignment)
+    path = bundle.save_bundle(
+        classifier, args.out, catalog=catalog, preprocessing=pre,
+        name=args.name or Path(args.out).name,
+        description=f"Untrained {args.backbone} {args.size} "
+        + ("LoRA-only baseline" if args.no_molre else "LoRA + MoLRE")
+        + " model (adapters at initialisation). Train it before use.",
+        backbone_weights_dir=args.backbone_path,
+        bundle_backbone=True if args.bundle_backbone else None,
+    )
+    print(bundle.describe(bundle.read_manifest(path)))
+    print(f"\nwrote {path}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ infer
+def _cmd_infer(args) -> int:
+    from . import inference, outputs, terminal
+
+    log = None if args.json else (lambda message: print(f"[headct-molre] {message}", file=sys.stderr))
+    prediction = inference.predict(
+        args.input, args.model, device=args.device, precision=args.precision, series=args.series,
+        hu_offset=args.hu_offset, backbone_folder=args.backbone_path, log=log,
+    )
+    written = outputs.write_prediction(prediction, args.out) if args.out else {}
+    if args.json:
+        result = prediction.to_json()
+        result["outputs"] = {k: str(v) for k, v in written.items()}
+        _print_json(result)
+        return EXIT_OK
+    print(terminal.format_findings_table(prediction.findings(), limit=None if args.all else args.top))
+    positives = sum(1 for f in prediction.findings() if f["positive"])
+    print(f"\n{positives} finding(s) above threshold (*). Research use only, not for clinical use.")
+    for warning in prediction.warnings:
+        print(f"warning: {warning}")
+    t = prediction.timings_s
+    print(
+        f"device {prediction.provenance['device']} ({prediction.provenance['precision']}); "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())
+    )
+    for kind, path in written.items():
+        print(f"wrote {kind}: {path}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headct-molre",
+        description="MoLRE head CT finding detection: validate inputs, run models, train, evaluate. "
+        "Research use only, not for clinical use.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("validate", _cmd_validate, "Load and check a head CT (NIfTI/NRRD/MHA file or DICOM folder).")
+    p.add_argument("input", help="image file, DICOM folder (recursive, DICOMDIR allowed)")
+    p.add_argument("--series", help="SeriesInstanceUID to use when the folder holds several series")
+    p.add_argument(
+        "--hu-offset",
+        type=float,
+        default=None,
+        help="add this to every value (e.g. -1024 for raw CT numbers whose rescale is missing)",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+
+    p = add("demo", _cmd_demo, "Run the main job on the bundled real head CT (or --input).")
+    p.add_argument("--input", help="another image file or DICOM folder instead of the bundled sample")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+
+    p = add("phantoms", _cmd_phantoms, "Write synthetic head CT phantoms with finding labels.")
+    p.add_argument("--n", type=int, required=True, help="number of cases")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
+    p.add_argument("--out", required=True, help="output folder (labels.csv + one image per case)")
+    p.add_argument("--dicom", action="store_true", help="write DICOM series instead of NIfTI")
+
+    p = add("info", _cmd_info, "Describe a model bundle in human terms.")
+    p.add_argument("bundle", help="model bundle folder")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    p = add("new-model", _cmd_new_model, "Create an untrained model bundle (LoRA + MoLRE adapters at init).")
+    p.add_argument("--backbone", required=True, help="backbone family: dinov3, dinov2, siglip, videomae3d")
+    p.add_argument("--size", required=True, help="tiny, small, base, large (so400m for siglip)")
+    p.add_argument("--backbone-path", help="local Hugging Face folder with the pretrained backbone (no download)")
+    p.add_argument("--out", required=True, help="bundle folder to create")
+    p.add_argument("--image-size", type=int, default=224, help="slice size in pixels fed to the backbone")
+    p.add_argument("--alignment", default="template", choices=("template", "center", "none"),
+                   help="head-frame alignment used in preprocessing")
+    p.add_argument("--no-molre", action="store_true", help="the paper's LoRA-only baseline")
+    p.add_argument("--catalog", help="your own finding catalog CSV (default: the 75 findings)")
+    p.add_argument("--bundle-backbone", action="store_true",
+                   help="copy the backbone weights into the bundle (self-contained; larger)")
+    p.add_argument("--name", help="model name shown in lists (default: the folder name)")
+    p.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
+
+    p = add("infer", _cmd_infer, "Run a model bundle on a head CT and print the findings.")
+    p.add_argument("input", help="image file or DICOM folder")
+    p.add_argument("--model", required=True, help="model bundle folder")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps, cpu")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--out", help="write findings.tsv/json and attention/expert NRRD maps here")
+    p.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
+    p.add_argument("--hu-offset", type=float, default=None, help="add to every value (e.g. -1024 for raw CT numbers)")
+    p.add_argument("--backbone-path", help="where the bundle's external backbone folder is on this machine")
+    p.add_argument("--top", type=int, default=15, help="rows to print (default 15)")
+    p.add_argument("--all", action="store_true", help="print all findings")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValueError as error:  # CTInputError, CatalogError, BundleError... are ValueErrors with a message
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

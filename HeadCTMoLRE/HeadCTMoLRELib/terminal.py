@@ -1,0 +1,104 @@
+"""Plain-text presenters for the command line: validation results, slice stacks, findings tables.
+
+Pure formatting: every function takes JSON-able dicts / result objects and returns a string, so the
+same text can be printed by the CLI, logged by the batch script, or shown in Slicer's Python console.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+
+def _xyz(values: Sequence[float] | None, fmt: str = "{:.2f}", sep: str = " x ") -> str:
+    if values is None:
+        return "?"
+    return sep.join(fmt.format(v) for v in values)
+
+
+def _bullets(title: str, lines: Iterable[str]) -> list[str]:
+    lines = list(lines)
+    if not lines:
+        return []
+    return [f"{title}:"] + [f"  - {line}" for line in lines]
+
+
+def format_validation(report: Mapping) -> str:
+    """Text for one `ctio.validation_report` dict (accepted or refused)."""
+    source = report.get("source") or (report.get("provenance") or {}).get("source", "")
+    if not report.get("accepted"):
+        out = [f"REFUSED  {source}".rstrip(), f"  {report.get('error')}"]
+        out += _bullets("Warnings", report.get("warnings") or [])
+        return "\n".join(out)
+    out = [f"ACCEPTED {source}".rstrip()]
+    out.append(
+        f"  size {_xyz(report.get('size'), '{:d}')} voxels, spacing {_xyz(report.get('spacing_mm'))} mm"
+        + (f", orientation {report['orientation']}" if report.get("orientation") else "")
+    )
+    if report.get("coverage_mm") is not None:
+        coverage = report["coverage_mm"]
+        if isinstance(coverage, (list, tuple)):
+            coverage = _xyz(coverage, "{:.0f}")
+        else:
+            coverage = f"{coverage:.0f}"
+        out.append(f"  coverage {coverage} mm")
+    pct = report.get("hu_percentiles")
+    if pct:
+        if isinstance(pct, Mapping):
+            out.append("  HU percentiles " + ", ".join(f"p{k}={v:.0f}" for k, v in pct.items()))
+        else:
+            out.append("  HU percentiles " + ", ".join(f"{v:.0f}" for v in pct))
+    prov = report.get("provenance") or {}
+    if prov.get("format") == "dicom":
+        desc = prov.get("series_description") or ""
+        out.append(f"  DICOM series {prov.get('series_instance_uid', '?')} {desc}".rstrip())
+        others = prov.get("other_series") or []
+        if others:
+            out.append(f"  {len(others)} other series in the folder (choose one with --series UID):")
+            for other in others:
+                out.append(
+                    f"    {other.get('uid', other.get('series_instance_uid', '?'))}  "
+                    f"{other.get('description', '')}  ({other.get('n_images', '?')} images)"
+                )
+    out += _bullets("Warnings", report.get("warnings") or [])
+    out += _bullets("Notes", report.get("notes") or [])
+    return "\n".join(out)
+
+
+def format_stack_summary(summary: Mapping) -> str:
+    """Text for the preprocessing summary the demo prints (see cli._stack_summary)."""
+    lines = [
+        f"Slice stack {summary['shape'][0]} slices x {summary['shape'][1]} windows x "
+        f"{summary['shape'][2]} x {summary['shape'][3]} px "
+        f"({summary['valid_slices']} slices inside the scan), "
+        f"grid spacing {_xyz(summary['spacing_mm'])} mm",
+        f"  alignment: {summary['alignment'].get('method')}"
+        + (
+            f" (quality {summary['alignment']['quality']:.3f})"
+            if isinstance(summary["alignment"].get("quality"), (int, float))
+            else ""
+        ),
+        "  time: " + ", ".join(f"{k} {v:.2f} s" for k, v in summary["timings_s"].items()),
+    ]
+    lines += _bullets("Warnings", summary.get("warnings") or [])
+    return "\n".join(lines)
+
+
+def format_findings_table(findings: Sequence[Mapping], *, limit: int | None = None) -> str:
+    """Findings sorted by probability, one row each: probability, flag, name, category, threshold.
+
+    ``findings``: dicts with id, name, category, probability, threshold, positive.
+    """
+    rows = sorted(findings, key=lambda f: f["probability"], reverse=True)
+    if limit is not None:
+        rows = rows[:limit]
+    name_w = max([len("finding")] + [len(f["name"]) for f in rows])
+    cat_w = max([len("category")] + [len(f["category"]) for f in rows])
+    header = f"{'prob':>6}  {'':1}  {'finding':<{name_w}}  {'category':<{cat_w}}  {'thresh':>6}"
+    out = [header, "-" * len(header)]
+    for f in rows:
+        flag = "*" if f.get("positive") else " "
+        out.append(
+            f"{f['probability']:6.3f}  {flag}  {f['name']:<{name_w}}  {f['category']:<{cat_w}}  "
+            f"{f['threshold']:6.3f}"
+        )
+    return "\n".join(out)
