@@ -1,0 +1,584 @@
+"""Frozen vision backbones from Hugging Face transformers, adapted with peft LoRA.
+
+Families (all through transformers, no timm/torchvision):
+
+    "dinov3"      DINOv3 ViT (DINOv3ViTModel), patch 16, RoPE; slice feature = pooler_output (CLS after norm)
+    "dinov2"      DINOv2 (Dinov2Model), patch 14; slice feature = pooler_output
+    "siglip"      SigLIP vision tower (SiglipVisionModel; MedGemma's image encoder), head off;
+                  slice feature = mean of last_hidden_state
+    "videomae3d"  VideoMAE (VideoMAEModel), a genuine 3-D ViT: tubelets of 2 slices x 16 x 16 px; the
+                  slices of one volume are its frames; volume feature = mean of last_hidden_state
+
+2-D families give a `SliceEncoder`: pixels (N, 3, H, W) in 0..1 -> features (N, d). The 3-D family gives a
+`VolumeEncoder`: pixels (B, S, 3, H, W) + slice_mask (B, S) -> features (B, d); the valid slices of each
+volume (inferior -> superior) are resampled linearly along the slice axis to the model's `num_frames`.
+Both apply the family's intensity normalisation themselves (ImageNet mean/std, or 0.5/0.5 for SigLIP).
+
+Weights come from a local folder in Hugging Face format (`from_pretrained(dir, local_files_only=True)`)
+or, without one, from random initialisation of the size's real configuration (so "base" has the true
+ViT-B shape for benchmarks; "tiny" / "tiny-32" are small test models). The base weights are frozen;
+LoRA (r=8, alpha=16 by default) wraps exactly the attention projections of every encoder layer
+(or also the MLP with targets="all-linear").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+LORA_TARGET_CHOICES = ("attention", "all-linear")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA hyper-parameters: rank r, scaling alpha / r, dropout, and which Linear layers to adapt."""
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    targets: str = "attention"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}.")
+        if self.targets not in LORA_TARGET_CHOICES:
+            raise ValueError(f"LoRA targets must be one of {LORA_TARGET_CHOICES}, got {self.targets!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoraSpec":
+        _reject_unknown(cls, data, "LoRA")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which backbone: family, size, input image size in px (square), weight source, LoRA settings.
+
+    source: where the weights come from (a local folder or a Hugging Face hub id); None = random init.
+    num_frames: 3-D family only, slices per volume the model sees (default: the size's config, 16).
+    """
+
+    family: str
+    size: str
+    image_size: int = 224
+    source: str | None = None
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    num_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"Unknown backbone family {self.family!r}; choose one of {sorted(FAMILIES)}.")
+        sizes = FAMILIES[self.family].sizes
+        if self.size not in sizes:
+            raise ValueError(
+                f"Backbone family {self.family!r} has no size {self.size!r}; choose one of {list(sizes)}."
+            )
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size must be a positive integer (px), got {self.image_size!r}.")
+        if self.num_frames is not None and not FAMILIES[self.family].volumetric:
+            raise ValueError(f"num_frames applies only to 3-D backbones, not to {self.family!r}.")
+        if isinstance(self.lora, dict):  # tolerate a dict, as JSON gives it
+            object.__setattr__(self, "lora", LoraSpec.from_dict(self.lora))
+
+    @property
+    def volumetric(self) -> bool:
+        return FAMILIES[self.family].volumetric
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["lora"] = self.lora.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BackboneSpec":
+        _reject_unknown(cls, data, "backbone")
+        data = dict(data)
+        if isinstance(data.get("lora"), dict):
+            data["lora"] = LoraSpec.from_dict(data["lora"])
+        return cls(**data)
+
+
+def _reject_unknown(cls: type, data: dict[str, Any], what: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"Unknown {what} settings {unknown}; known settings are {sorted(known)}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Families: transformers classes, real configurations, LoRA target patterns, slice features
+
+
+@dataclass(frozen=True)
+class _Family:
+    config_class_name: str
+    model_class_name: str
+    model_type: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    attention_pattern: str  # regex over module names of the bare transformers model (re.fullmatch)
+    mlp_pattern: str
+    sizes: dict[str, dict[str, Any]]
+    fixed_overrides: dict[str, Any]  # applied to every config, loaded or random
+    volumetric: bool = False
+
+    def classes(self) -> tuple[type, type]:
+        import transformers
+
+        return getattr(transformers, self.config_class_name), getattr(transformers, self.model_class_name)
+
+
+def _vit(hidden: int, layers: int, heads: int, intermediate: int) -> dict[str, Any]:
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": intermediate,
+    }
+
+
+_TINY = {"tiny": _vit(64, 2, 4, 128), "tiny-32": _vit(32, 2, 2, 64)}
+
+FAMILIES: dict[str, _Family] = {
+    # DINOv3 LVD-1689M checkpoints: ViT-S/B/L with patch 16 and 4 register tokens.
+    "dinov3": _Family(
+        "DINOv3ViTConfig",
+        "DINOv3ViTModel",
+        "dinov3_vit",
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        r"model\.layer\.\d+\.attention\.(?:q|k|v|o)_proj",
+        r"model\.layer\.\d+\.mlp\.(?:up|down|gate)_proj",
+        {
+            **{k: {**v, "patch_size": 16, "num_register_tokens": 0} for k, v in _TINY.items()},
+            "small": {**_vit(384, 12, 6, 1536), "patch_size": 16, "num_register_tokens": 4, "image_size": 224},
+            "base": {**_vit(768, 12, 12, 3072), "patch_size": 16, "num_register_tokens": 4, "image_size": 224},
+            "large": {**_vit(1024, 24, 16, 4096), "patch_size": 16, "num_register_tokens": 4, "image_size": 224},
+        },
+        # DINOv3 randomly rescales/jitters RoPE coordinates in train mode (a pre-training augmentation);
+        # fine-tuning through a frozen backbone should see the same geometry in training and inference.
+        {"pos_embed_rescale": None, "pos_embed_jitter": None, "pos_embed_shift": None},
+    ),
+    # DINOv2 (facebook/dinov2-*): patch 14, 518 px position table (interpolated to other sizes).
+    "dinov2": _Family(
+        "Dinov2Config",
+        "Dinov2Model",
+        "dinov2",
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        r"encoder\.layer\.\d+\.attention\.(?:q|k|v|o)_proj",
+        r"encoder\.layer\.\d+\.mlp\.(?:fc1|fc2|weights_in|weights_out)",
+        {
+            "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "mlp_ratio": 2, "patch_size": 14},
+            "tiny-32": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 2, "patch_size": 14},
+            "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4, "patch_size": 14, "image_size": 518},
+            "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "mlp_ratio": 4, "patch_size": 14, "image_size": 518},
+            "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4, "patch_size": 14, "image_size": 518},
+        },
+        {},
+    ),
+    # SigLIP vision towers: base/16-224, large/16-256, so400m/14 at 896 px as in MedGemma (head off).
+    "siglip": _Family(
+        "SiglipVisionConfig",
+        "SiglipVisionModel",
+        "siglip_vision_model",
+        SIGLIP_MEAN,
+        SIGLIP_STD,
+        # Anchored to the encoder: a bare "out_proj" would also wrap the pooling head's
+        # nn.MultiheadAttention, where LoRA silently does nothing.
+        r"encoder\.layers\.\d+\.self_attn\.(?:q|k|v|out)_proj",
+        r"encoder\.layers\.\d+\.mlp\.(?:fc1|fc2)",
+        {
+            **{k: {**v, "patch_size": 16} for k, v in _TINY.items()},
+            "base": {**_vit(768, 12, 12, 3072), "patch_size": 16, "image_size": 224},
+            "large": {**_vit(1024, 24, 16, 4096), "patch_size": 16, "image_size": 256},
+            "so400m": {**_vit(1152, 27, 16, 4304), "patch_size": 14, "image_size": 896},
+        },
+        {"vision_use_head": False},
+    ),
+    # VideoMAE (MCG-NJU/videomae-*): tubelet 2 x 16 x 16, 16 frames, mean pooling, fixed sin-cos positions.
+    "videomae3d": _Family(
+        "VideoMAEConfig",
+        "VideoMAEModel",
+        "videomae",
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        r"encoder\.layer\.\d+\.attention\.(?:attention\.(?:query|key|value)|output\.dense)",
+        r"encoder\.layer\.\d+\.(?:intermediate\.dense|output\.dense)",
+        {
+            **{k: {**v, "patch_size": 16, "tubelet_size": 2, "num_frames": 8} for k, v in _TINY.items()},
+            "small": {**_vit(384, 12, 6, 1536), "patch_size": 16, "tubelet_size": 2, "num_frames": 16},
+            "base": {**_vit(768, 12, 12, 3072), "patch_size": 16, "tubelet_size": 2, "num_frames": 16},
+            "large": {**_vit(1024, 24, 16, 4096), "patch_size": 16, "tubelet_size": 2, "num_frames": 16},
+        },
+        {"use_mean_pooling": True},
+        volumetric=True,
+    ),
+}
+
+
+def available_sizes(family: str) -> list[str]:
+    """Size names a family offers, e.g. ['tiny', 'tiny-32', 'small', 'base', 'large']."""
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown backbone family {family!r}; choose one of {sorted(FAMILIES)}.")
+    return list(FAMILIES[family].sizes)
+
+
+def lora_target_pattern(family: str, targets: str = "attention") -> str:
+    """Regex (for re.fullmatch over module names of the bare transformers model) of the adapted Linears."""
+    fam = FAMILIES[family]
+    if targets == "attention":
+        return fam.attention_pattern
+    if targets == "all-linear":
+        return f"(?:{fam.attention_pattern})|(?:{fam.mlp_pattern})"
+    raise ValueError(f"LoRA targets must be one of {LORA_TARGET_CHOICES}, got {targets!r}.")
+
+
+def random_init_config_dict(spec: BackboneSpec) -> dict[str, Any]:
+    """Configuration keyword arguments of the size's architecture, as used for random initialisation.
+
+    Real sizes keep their checkpoint's config image size (position tables of the true shape); tiny
+    sizes and the 3-D family (fixed sin-cos positions, no interpolation) take `spec.image_size`.
+    """
+    fam = FAMILIES[spec.family]
+    values = dict(fam.sizes[spec.size])
+    values.setdefault("image_size", spec.image_size)
+    if fam.volumetric and spec.num_frames is not None:
+        values["num_frames"] = spec.num_frames
+    values.update(fam.fixed_overrides)
+    return values
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoders
+
+
+class _Encoder(nn.Module):
+    """Shared part of slice and volume encoders: the peft-wrapped model and the intensity normalisation."""
+
+    volumetric = False
+
+    def __init__(self, spec: BackboneSpec, backbone: nn.Module) -> None:
+        super().__init__()
+        fam = FAMILIES[spec.family]
+        self.spec = spec
+        self.backbone = backbone  # a peft PeftModel around the transformers model
+        self.feature_dim = int(self.hf_config.hidden_size)
+        self.patch_size = int(self.hf_config.patch_size)
+        self.register_buffer("pixel_mean", torch.tensor(fam.mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(fam.std).view(3, 1, 1), persistent=False)
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The transformers model (with LoRA layers injected)."""
+        return self.backbone.get_base_model()
+
+    @property
+    def hf_config(self):
+        return self.hf_model.config
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(..., 3, H, W) in 0..1 -> the family's normalised intensities."""
+        return (pixels - self.pixel_mean.to(pixels.dtype)) / self.pixel_std.to(pixels.dtype)
+
+    def _check_image(self, pixels: torch.Tensor, leading_dims: int, shape_text: str) -> None:
+        if pixels.dim() != leading_dims + 3 or pixels.shape[-3] != 3:
+            raise ValueError(f"Expected pixels of shape {shape_text}, got {tuple(pixels.shape)}.")
+        if not pixels.is_floating_point():
+            raise ValueError(f"Expected float pixels in 0..1, got dtype {pixels.dtype}.")
+        height, width = pixels.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"{self.spec.family} backbone needs image sizes that are multiples of its patch size "
+                f"{self.patch_size} px, got {height} x {width} px."
+            )
+
+
+class SliceEncoder(_Encoder):
+    """2-D backbone + LoRA: forward(pixels (N, 3, H, W), 0..1) -> slice features (N, feature_dim)."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        self._check_image(pixels, 1, "(N, 3, H, W)")
+        pixel_values = self.normalise(pixels)
+        if self.spec.family == "siglip":
+            needs_interpolation = tuple(pixels.shape[-2:]) != (self.hf_config.image_size,) * 2
+            output = self.backbone(pixel_values=pixel_values, interpolate_pos_encoding=needs_interpolation)
+            return output.last_hidden_state.mean(dim=1)
+        return self.backbone(pixel_values=pixel_values).pooler_output
+
+
+class VolumeEncoder(_Encoder):
+    """3-D backbone + LoRA: forward(pixels (B, S, 3, H, W), slice_mask (B, S)) -> volume features (B, d).
+
+    The valid slices of each volume (in order, inferior -> superior) are resampled linearly along the
+    slice axis to `num_frames` (endpoints kept); padding slices never reach the model.
+    """
+
+    volumetric = True
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.hf_config.num_frames)
+
+    def frames(self, pixels: torch.Tensor, slice_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, S, 3, H, W) + (B, S) -> (B, num_frames, 3, H, W): valid slices resampled per volume."""
+        volumes = []
+        for index in range(pixels.shape[0]):
+            slices = pixels[index] if slice_mask is None else pixels[index][slice_mask[index]]
+            if slices.shape[0] == 0:
+                raise ValueError(f"Volume {index} of the batch has no valid slices (slice_mask all False).")
+            volumes.append(resample_slices(slices, self.num_frames))
+        return torch.stack(volumes)
+
+    def forward(self, pixels: torch.Tensor, slice_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_image(pixels, 2, "(B, S, 3, H, W)")
+        size = self.hf_config.image_size
+        if tuple(pixels.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"The 3-D backbone was built for {size} x {size} px slices, got {tuple(pixels.shape[-2:])}; "
+                f"preprocess to {size} px."
+            )
+        pixel_values = self.normalise(self.frames(pixels, slice_mask))
+        return self.backbone(pixel_values=pixel_values).last_hidden_state.mean(dim=1)
+
+
+def resample_slices(slices: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(S, 3, H, W) -> (num_frames, 3, H, W), linear along the slice axis, first/last slices kept."""
+    if slices.shape[0] == num_frames:
+        return slices
+    if slices.shape[0] == 1:
+        return slices.expand(num_frames, *slices.shape[1:])
+    as_volume = slices.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, S, H, W)
+    height, width = slices.shape[-2:]
+    resampled = F.interpolate(as_volume, size=(num_frames, height, width), mode="trilinear", align_corners=True)
+    return resampled.squeeze(0).permute(1, 0, 2, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building
+
+
+def build_backbone(
+    spec: BackboneSpec,
+    *,
+    weights_dir: str | Path | None = None,
+    transformers_config: dict[str, Any] | None = None,
+) -> SliceEncoder | VolumeEncoder:
+    """Build the backbone of `spec`, freeze it, and wrap its attention Linears with LoRA.
+
+    weights_dir: a local folder in Hugging Face format (config.json + *.safetensors); never downloads.
+    Without it: `spec.source` if set (a local folder, or a hub id when HF_HUB_OFFLINE is not set),
+    otherwise random initialisation from `transformers_config` (e.g. stored in a model bundle) or from
+    the size's real configuration. Returns a SliceEncoder (2-D families) or VolumeEncoder (3-D family).
+    """
+    fam = FAMILIES[spec.family]
+    if weights_dir is not None:
+        folder = Path(weights_dir).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"Backbone weights folder {folder} does not exist; pass a folder in Hugging Face format "
+                "(config.json + *.safetensors)."
+            )
+        model = _load_pretrained(spec, folder)
+    elif spec.source and transformers_config is None:
+        model = _load_pretrained(spec, _resolve_source(spec.source))
+    else:
+        model = _random_model(spec, transformers_config)
+    _check_architecture(spec, model)
+    peft_model = _wrap_with_lora(model, lora_target_pattern(spec.family, spec.lora.targets), spec.lora)
+    encoder_class = VolumeEncoder if fam.volumetric else SliceEncoder
+    return encoder_class(spec, peft_model)
+
+
+def _resolve_source(source: str) -> Path | str:
+    """A local folder as a Path, or a hub id (a str) when downloads are allowed."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        raise FileNotFoundError(
+            f"Backbone source {source!r} is not a local folder and HF_HUB_OFFLINE is set, so it cannot be "
+            "downloaded. Download the model elsewhere and pass its local folder (Hugging Face format: "
+            "config.json + *.safetensors) as the backbone weights directory."
+        )
+    return source
+
+
+def _load_pretrained(spec: BackboneSpec, location: Path | str) -> nn.Module:
+    """from_pretrained on a local folder (never downloads) or, given a str, a hub id; fp32, SDPA."""
+    fam = FAMILIES[spec.family]
+    _, model_class = fam.classes()
+    is_local = isinstance(location, Path)
+    if is_local:
+        _check_local_folder(spec, location)
+    return model_class.from_pretrained(
+        str(location),
+        local_files_only=is_local,
+        attn_implementation="sdpa",
+        use_safetensors=True,
+        dtype=torch.float32,
+        **fam.fixed_overrides,
+    )
+
+
+def _check_local_folder(spec: BackboneSpec, folder: Path) -> None:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"Backbone folder {folder} has no config.json; pass a folder in Hugging Face format "
+            "(config.json + model.safetensors), e.g. one written by save_pretrained()."
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"Backbone folder {folder} has no *.safetensors weights (pickled .bin files are refused); "
+            "convert the checkpoint to safetensors."
+        )
+    with config_path.open(encoding="utf-8") as handle:
+        model_type = json.load(handle).get("model_type")
+    expected = FAMILIES[spec.family].model_type
+    accepted = {expected, "siglip"} if spec.family == "siglip" else {expected}
+    if model_type not in accepted:
+        raise ValueError(
+            f"Backbone folder {folder} holds a {model_type!r} model, but family {spec.family!r} needs "
+            f"model_type {expected!r}; choose the matching --backbone family or another folder."
+        )
+
+
+def _random_model(spec: BackboneSpec, transformers_config: dict[str, Any] | None) -> nn.Module:
+    config_class, model_class = FAMILIES[spec.family].classes()
+    if transformers_config is not None:
+        values = {k: v for k, v in transformers_config.items() if k not in ("transformers_version", "architectures")}
+        config = config_class.from_dict(values)
+    else:
+        config = config_class(**random_init_config_dict(spec))
+    config._attn_implementation = "sdpa"
+    return model_class(config)
+
+
+def _check_architecture(spec: BackboneSpec, model: nn.Module) -> None:
+    """The model's shape must be the one its spec names (catches a 'base' spec with ViT-L weights)."""
+    expected = FAMILIES[spec.family].sizes[spec.size]
+    config = model.config
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if getattr(config, key) != expected[key]:
+            raise ValueError(
+                f"Backbone weights have {key}={getattr(config, key)}, but size {spec.size!r} of "
+                f"{spec.family!r} means {key}={expected[key]}; set the size that matches the weights."
+            )
+    if FAMILIES[spec.family].volumetric:
+        if spec.num_frames is not None and config.num_frames != spec.num_frames:
+            raise ValueError(
+                f"3-D backbone weights expect {config.num_frames} frames, but the spec asks for {spec.num_frames}."
+            )
+        if config.image_size != spec.image_size:
+            raise ValueError(
+                f"3-D backbone weights expect {config.image_size} px slices (no position interpolation), "
+                f"but the spec asks for {spec.image_size} px; set image_size={config.image_size}."
+            )
+
+
+def _wrap_with_lora(model: nn.Module, pattern: str, lora: LoraSpec) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    matched = [name for name, _ in model.named_modules() if re.fullmatch(pattern, name)]
+    if not matched:
+        raise RuntimeError(f"No module of {type(model).__name__} matches the LoRA target pattern {pattern!r}.")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers helper
+        return get_peft_model(model, config)  # freezes every non-LoRA parameter
+
+
+# --------------------------------------------------------------------------------------------------
+# Introspection and base weights (for model bundles)
+
+
+def adapted_module_names(encoder: SliceEncoder | VolumeEncoder) -> list[str]:
+    """Names (in the bare transformers model) of the Linear layers that carry LoRA, sorted."""
+    from peft.tuners.lora import LoraLayer
+
+    return sorted(name for name, module in encoder.hf_model.named_modules() if isinstance(module, LoraLayer))
+
+
+def transformers_config_dict(encoder: SliceEncoder | VolumeEncoder) -> dict[str, Any]:
+    """The transformers configuration as a JSON-ready dict (rebuild with build_backbone(transformers_config=))."""
+    data = encoder.hf_config.to_dict()
+    return json.loads(json.dumps(data, default=str))
+
+
+def base_state_dict(encoder: SliceEncoder | VolumeEncoder) -> dict[str, torch.Tensor]:
+    """Frozen base weights under their Hugging Face names (LoRA excluded, '.base_layer' removed)."""
+    state = {}
+    for name, tensor in encoder.hf_model.state_dict().items():
+        if "lora_" in name:
+            continue
+        state[name.replace(".base_layer.", ".")] = tensor
+    return state
+
+
+def load_base_state_dict(encoder: SliceEncoder | VolumeEncoder, state: dict[str, torch.Tensor]) -> None:
+    """Load base weights saved by `base_state_dict`; every key must match exactly."""
+    adapted = set(adapted_module_names(encoder))
+    mapped = {}
+    for name, tensor in state.items():
+        module_name, _, leaf = name.rpartition(".")
+        mapped[f"{module_name}.base_layer.{leaf}" if module_name in adapted else name] = tensor
+    expected = {k for k in encoder.hf_model.state_dict() if "lora_" not in k}
+    missing, unexpected = sorted(expected - set(mapped)), sorted(set(mapped) - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"Backbone base weights do not match the architecture: missing {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''}."
+        )
+    encoder.hf_model.load_state_dict(mapped, strict=False)
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes of tensors, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def base_weights_sha256(encoder: SliceEncoder | VolumeEncoder) -> str:
+    """Fingerprint of the frozen base weights (to record which backbone weights a bundle was trained on)."""
+    return state_dict_sha256(base_state_dict(encoder))
+
+
+def lora_parameter_count(encoder: SliceEncoder | VolumeEncoder) -> int:
+    return sum(p.numel() for name, p in encoder.named_parameters() if "lora_" in name)
+
+
+def save_backbone_pretrained(encoder: SliceEncoder | VolumeEncoder, directory: str | Path) -> Path:
+    """Write the frozen base model (without LoRA) as a Hugging Face folder (config.json + model.safetensors)."""
+    _, model_class = FAMILIES[encoder.spec.family].classes()
+    plain = model_class(encoder.hf_config)
+    plain.load_state_dict(base_state_dict(encoder), strict=True)
+    directory = Path(directory)
+    plain.save_pretrained(directory, safe_serialization=True)
+    return directory
+
