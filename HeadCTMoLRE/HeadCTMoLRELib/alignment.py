@@ -1,0 +1,287 @@
+"""Rigid alignment of a head CT to the standard head frame (the shipped head CT template's space).
+
+The head frame is the LPS physical space of ``Resources/templates/scct_head_ct_template_2mm.nrrd``
+(Rorden et al. 2012 CT template, MNI space with x and y negated: x = patient left, y = posterior,
+z = superior, mm; the mid-sagittal plane is x = 0). Alignment finds ``head_to_patient``, a rigid 4 x 4
+matrix taking a head-frame LPS point (mm) to the input image's patient LPS point (mm).
+
+Methods:
+- ``"template"``: Euler3D rigid registration (Mattes mutual information on clipped HU, 8 mm then 4 mm)
+  of the template (fixed) to the input (moving), started from the head-mask centroids; accepted when the
+  head masks agree (Dice over the scanned part of the template) and the motion is plausible, otherwise it
+  falls back to ``"center"`` with a warning.
+- ``"center"``: patient axes; the input's head-mask centroid goes to the template's head-mask centroid.
+- ``"none"``: patient axes; the input image's geometric centre goes to the head-frame centre.
+
+No torch here; everything is SimpleITK + numpy.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from .resources import resource_path
+
+TEMPLATE_FILE = ("templates", "scct_head_ct_template_2mm.nrrd")
+
+# Middle of the slice stack in the head frame (LPS mm). With the default 40 x 4 mm slices the stack spans
+# z = -62 .. +98 mm: below the foramen magnum (template z ~ -50) to above the scalp at the vertex (~ +98);
+# y = 18 mm centres the template head's antero-posterior extent (nose tip -88, occiput +124).
+HEAD_FRAME_CENTER_MM = (0.0, 18.0, 18.0)
+
+AIR_HU = -1024.0
+MAX_HU = 3071.0
+HEAD_THRESHOLD_HU = -300.0  # skin and fat are above, air below
+COARSE_SPACING_MM = 4.0
+REGISTRATION_CLIP_HU = (-1024.0, 1200.0)
+
+MIN_DICE = 0.80  # head masks after a good rigid alignment overlap at 0.85-0.95
+MIN_TEMPLATE_COVERAGE = 0.25  # fraction of the template head inside the scan needed to judge the fit
+MAX_ROTATION_DEG = 45.0
+MAX_CENTER_SHIFT_MM = 60.0  # registration may move the head centre this far from the centroid start
+MIN_HEAD_VOLUME_ML = 200.0  # below this the input holds no head we can centre on
+
+
+@dataclass
+class Alignment:
+    """Result of aligning one CT to the head frame.
+
+    head_to_patient: float64 (4, 4) rigid; head-frame LPS mm -> input patient LPS mm (column vectors).
+    info: JSON-able description (method requested/used, fallback flag, quality numbers, angles).
+    warnings: human-readable problems met (fallbacks and why).
+    """
+
+    head_to_patient: np.ndarray
+    info: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def rigid_matrix(rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
+    """4 x 4 homogeneous matrix from a (3, 3) rotation and a (3,) translation (mm)."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation
+    matrix[:3, 3] = translation
+    return matrix
+
+
+def rotation_angle_deg(rotation: np.ndarray) -> float:
+    """Angle (degrees) of a (3, 3) rotation matrix."""
+    cos_angle = (np.trace(rotation) - 1.0) / 2.0
+    return float(np.degrees(np.arccos(np.clip(cos_angle, -1.0, 1.0))))
+
+
+@functools.lru_cache(maxsize=1)
+def load_head_template() -> sitk.Image:
+    """The shipped head CT template: int16 HU, identity direction, LPS, 2 mm (the head frame itself)."""
+    path = resource_path(*TEMPLATE_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Head CT template missing: {path}. Reinstall the extension or restore Resources/templates/ "
+            "from the source repository; or preprocess with alignment='center'."
+        )
+    return sitk.ReadImage(str(path))
+
+
+def clamp_hu(image: sitk.Image) -> sitk.Image:
+    """Float32 copy with HU clamped to [-1024, 3071] (scanner padding such as -1500/-3024 becomes air)."""
+    if image.GetPixelID() == sitk.sitkFloat32:  # maybe clamped already (preprocess clamps once, then aligns)
+        extremes = sitk.MinimumMaximumImageFilter()
+        extremes.Execute(image)
+        if extremes.GetMinimum() >= AIR_HU and extremes.GetMaximum() <= MAX_HU:
+            return image
+    return sitk.Clamp(image, sitk.sitkFloat32, AIR_HU, MAX_HU)
+
+
+def coarse_image(hu: sitk.Image, spacing_mm: float = COARSE_SPACING_MM) -> sitk.Image:
+    """Box-average ``hu`` (float32 HU, any orientation) down to about ``spacing_mm`` per axis (own grid)."""
+    factors = [max(1, int(round(spacing_mm / s))) for s in hu.GetSpacing()]
+    factors = [min(f, n) for f, n in zip(factors, hu.GetSize())]
+    return sitk.BinShrink(hu, factors) if max(factors) > 1 else hu
+
+
+def head_mask(hu: sitk.Image) -> sitk.Image:
+    """uint8 mask of the largest connected body above -300 HU (head and skin; the table is cut off by an
+    opening). Works on any float HU image; returns an all-zero mask when nothing is above threshold."""
+    body = sitk.BinaryThreshold(hu, HEAD_THRESHOLD_HU, 1e9, 1, 0)
+    body = sitk.BinaryMorphologicalOpening(body, [1] * hu.GetDimension())
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(body), sortByObjectSize=True)
+    return sitk.Cast(components == 1, sitk.sitkUInt8)
+
+
+def mask_centroid_mm(mask: sitk.Image) -> tuple[np.ndarray, float]:
+    """(centroid LPS mm (3,), volume ml) of a uint8 mask; centroid is NaN when the mask is empty."""
+    array = sitk.GetArrayViewFromImage(mask)
+    kji = np.argwhere(array > 0)
+    volume_ml = len(kji) * float(np.prod(mask.GetSpacing())) / 1000.0
+    if len(kji) == 0:
+        return np.full(3, np.nan), 0.0
+    ijk = kji.mean(axis=0)[::-1]
+    return np.array(mask.TransformContinuousIndexToPhysicalPoint([float(v) for v in ijk])), volume_ml
+
+
+def image_center_mm(image: sitk.Image) -> np.ndarray:
+    """Physical LPS point (mm) of the centre of the image's voxel grid."""
+    centre_index = [(n - 1) / 2.0 for n in image.GetSize()]
+    return np.array(image.TransformContinuousIndexToPhysicalPoint(centre_index))
+
+
+@functools.lru_cache(maxsize=1)
+def _template_coarse() -> tuple[sitk.Image, sitk.Image, np.ndarray]:
+    """(coarse template HU float32, its head mask, head-mask centroid LPS mm) in the head frame."""
+    template = coarse_image(clamp_hu(load_head_template()))
+    mask = head_mask(template)
+    centroid, _ = mask_centroid_mm(mask)
+    return template, mask, centroid
+
+
+def template_head_centroid_mm() -> np.ndarray:
+    """Head-mask centroid of the template, head-frame LPS mm (where 'center' alignment puts the head)."""
+    return _template_coarse()[2].copy()
+
+
+def _register(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image,
+              start: sitk.Euler3DTransform) -> tuple[sitk.Euler3DTransform, float]:
+    """Rigid Mattes-MI registration; returns (fixed->moving transform, final metric)."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricFixedMask(fixed_mask)
+    method.SetMetricSamplingStrategy(method.NONE)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=4.0, minStep=0.05, numberOfIterations=80, relaxationFactor=0.6,
+        gradientMagnitudeTolerance=1e-6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([2, 1])
+    method.SetSmoothingSigmasPerLevel([1.0, 0.0])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    transform = sitk.Euler3DTransform(start)
+    method.SetInitialTransform(transform, inPlace=True)
+    method.Execute(fixed, moving)
+    return transform, float(method.GetMetricValue())
+
+
+def _clip(hu: sitk.Image) -> sitk.Image:
+    low, high = REGISTRATION_CLIP_HU
+    return sitk.Clamp(hu, sitk.sitkFloat32, low, high)
+
+
+def _fit_quality(transform: sitk.Transform, template_mask: sitk.Image, moving_mask: sitk.Image) -> dict:
+    """Dice of template head mask and the warped input head mask, counted only where the template maps
+    inside the scanned input (partial scans are not penalised for what was not scanned)."""
+    warped = sitk.Resample(moving_mask, template_mask, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    inside_image = sitk.Image(moving_mask.GetSize(), sitk.sitkUInt8) + 1
+    inside_image.CopyInformation(moving_mask)
+    inside = sitk.GetArrayViewFromImage(
+        sitk.Resample(inside_image, template_mask, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
+    template_head = sitk.GetArrayViewFromImage(template_mask) > 0
+    input_head = sitk.GetArrayViewFromImage(warped) > 0
+    a, b = template_head & inside, input_head & inside
+    denominator = a.sum() + b.sum()
+    dice = float(2.0 * (a & b).sum() / denominator) if denominator else 0.0
+    coverage = float(a.sum() / max(1, template_head.sum()))
+    return {"head_dice": round(dice, 4), "template_head_coverage": round(coverage, 4)}
+
+
+def _transform_to_matrix(transform: sitk.Euler3DTransform) -> np.ndarray:
+    rotation = np.array(transform.GetMatrix()).reshape(3, 3)
+    centre = np.array(transform.GetCenter())
+    translation = np.array(transform.GetTranslation())
+    return rigid_matrix(rotation, centre + translation - rotation @ centre)
+
+
+def _center_alignment(moving_centroid: np.ndarray) -> np.ndarray:
+    return rigid_matrix(np.eye(3), moving_centroid - template_head_centroid_mm())
+
+
+def _none_alignment(hu: sitk.Image) -> np.ndarray:
+    return rigid_matrix(np.eye(3), image_center_mm(hu) - np.array(HEAD_FRAME_CENTER_MM))
+
+
+def _template_alignment(moving: sitk.Image, moving_mask: sitk.Image,
+                        moving_centroid: np.ndarray) -> tuple[np.ndarray, dict, str | None]:
+    """Try template registration; return (matrix, info, reason it was rejected or None)."""
+    template, template_mask, template_centroid = _template_coarse()
+    fixed_mask = sitk.BinaryDilate(template_mask, [2, 2, 2])
+    fixed, moving_clipped = _clip(template), _clip(moving)
+    best = None
+    # Partial scans (skull base or vertex missing) bias the input centroid along z: retry from shifted
+    # starts when the first fit is poor and keep the best-fitting one.
+    for z_shift_mm in (0.0, -25.0, 25.0):
+        start = sitk.Euler3DTransform()
+        start.SetCenter([float(v) for v in template_centroid])
+        start.SetTranslation([float(v) for v in moving_centroid - template_centroid + [0, 0, z_shift_mm]])
+        try:
+            transform, metric = _register(fixed, fixed_mask, moving_clipped, start)
+        except RuntimeError as error:  # ITK: too few samples inside the moving image, etc.
+            best = best or (None, {"error": str(error).strip().splitlines()[-1][:200]})
+            continue
+        quality = _fit_quality(transform, template_mask, moving_mask)
+        quality["mattes_mi"] = round(metric, 5)
+        quality["start_z_shift_mm"] = z_shift_mm
+        if best is None or best[0] is None or quality["head_dice"] > best[1]["head_dice"]:
+            best = (transform, quality)
+        if quality["head_dice"] >= MIN_DICE and quality["template_head_coverage"] >= MIN_TEMPLATE_COVERAGE:
+            break
+    transform, quality = best
+    if transform is None:
+        return np.eye(4), quality, f"registration failed ({quality['error']})"
+    matrix = _transform_to_matrix(transform)
+    angle = rotation_angle_deg(matrix[:3, :3])
+    shift = float(np.linalg.norm(matrix[:3, :3] @ template_centroid + matrix[:3, 3] - moving_centroid))
+    quality.update(rotation_deg=round(angle, 3), center_shift_mm=round(shift, 2),
+                   euler_angles_deg=[round(math.degrees(a), 3) for a in
+                                     (transform.GetAngleX(), transform.GetAngleY(), transform.GetAngleZ())])
+    reason = None
+    if quality["template_head_coverage"] < MIN_TEMPLATE_COVERAGE:
+        reason = f"scan covers only {quality['template_head_coverage']:.0%} of the template head"
+    elif quality["head_dice"] < MIN_DICE:
+        reason = f"head masks overlap poorly after registration (Dice {quality['head_dice']:.2f} < {MIN_DICE})"
+    elif angle > MAX_ROTATION_DEG:
+        reason = f"implausible head rotation {angle:.0f} deg (> {MAX_ROTATION_DEG:.0f})"
+    elif shift > MAX_CENTER_SHIFT_MM:
+        reason = f"implausible shift {shift:.0f} mm from the head centroid (> {MAX_CENTER_SHIFT_MM:.0f})"
+    return matrix, quality, reason
+
+
+def align_to_head_frame(hu: sitk.Image, method: str = "template") -> Alignment:
+    """Find the rigid head-frame -> patient mapping of a CT.
+
+    hu: 3D SimpleITK image in HU (any pixel type, any direction; LPS mm geometry).
+    method: "template", "center" or "none" (see module docstring). "template" falls back to "center",
+    and "center" to "none", with a warning, when they cannot be trusted.
+    Returns an Alignment (4 x 4 head_to_patient, JSON-able info, warnings).
+    """
+    if method not in ("template", "center", "none"):
+        raise ValueError(f"Unknown alignment method {method!r}: use 'template', 'center' or 'none'.")
+    info: dict = {"requested": method, "method": method, "fell_back": False}
+    warnings: list[str] = []
+    if method == "none":
+        return Alignment(_none_alignment(hu), info, warnings)
+
+    moving = coarse_image(clamp_hu(hu))
+    moving_mask = head_mask(moving)
+    centroid, volume_ml = mask_centroid_mm(moving_mask)
+    info["head_volume_ml"] = round(volume_ml, 1)
+    if volume_ml < MIN_HEAD_VOLUME_ML:
+        info.update(method="none", fell_back=True)
+        warnings.append(f"Alignment: no head found in the image (body above {HEAD_THRESHOLD_HU:.0f} HU: "
+                        f"{volume_ml:.0f} ml); using the image centre and patient axes. Check that the input "
+                        "is a head CT in HU.")
+        return Alignment(_none_alignment(hu), info, warnings)
+
+    if method == "template":
+        matrix, quality, reason = _template_alignment(moving, moving_mask, centroid)
+        info["quality"] = quality
+        if reason is None:
+            info["rotation_matrix"] = matrix[:3, :3].round(6).tolist()
+            info["translation_mm"] = matrix[:3, 3].round(3).tolist()
+            return Alignment(matrix, info, warnings)
+        info.update(method="center", fell_back=True, fallback_reason=reason)
+        warnings.append(f"Alignment to the head template rejected: {reason}. Using the head centre and the "
+                        "scanner axes instead; slices may be tilted relative to the standard head frame.")
+    return Alignment(_center_alignment(centroid), info, warnings)

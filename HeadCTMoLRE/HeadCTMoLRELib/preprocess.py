@@ -1,0 +1,285 @@
+"""Head CT -> slice stack for the 2D model, and the way back to patient space.
+
+Input: a 3D ``SimpleITK.Image`` in HU with true LPS geometry (any direction matrix, any spacing), or any
+object with an ``.image`` attribute holding one (e.g. ``ctio.CTVolume``; its ``.warnings`` are carried over).
+
+Output: a ``SliceStack``: the volume resampled to ``num_slices`` axial slices of ``image_size`` x
+``image_size`` pixels (default 40 x 224 x 224 at 1 x 1 x 4 mm) in the standard head frame (see
+``alignment.py``), each slice turned into 3 channels by the HU windows [0,80], [-20,180], [-800,2000]
+scaled to 0..1. Array layout follows the numpy view of an LPS identity-direction image: slice (k)
+inferior -> superior, row (j) anterior -> posterior, column (i) patient right -> left (radiological
+display: anterior at the top, patient's left on the viewer's right).
+
+Resampling is anti-aliased: along each input axis the data are box-averaged (``BinShrink``) and then
+Gaussian-smoothed so that the total blur is sigma = (output spacing - input spacing) / 2 mm, the usual
+anti-aliasing rule for downsampling by a factor (sigma = (factor - 1) / 2 input voxels), before linear
+interpolation. Outside the scanned volume is air (-1024 HU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from .alignment import AIR_HU, HEAD_FRAME_CENTER_MM, HEAD_THRESHOLD_HU, align_to_head_frame, clamp_hu
+
+MIN_VALID_SLICE_FRACTION = 0.5  # a slice counts as scanned when at least half of its pixels were scanned
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Preprocessing parameters; stored in model bundles (``to_dict``) so inference can honour them.
+
+    image_size: H = W of each slice fed to the model (pixels).
+    in_plane_fov_mm: square field of view (mm); in-plane pixel spacing = in_plane_fov_mm / image_size.
+    slice_spacing_mm: head-frame z spacing (mm).
+    num_slices: S; the stack covers num_slices * slice_spacing_mm in z (fixed so volumes batch).
+    windows_hu: one (low, high) HU window per channel; each maps to 0..1.
+    alignment: "template" (rigid to the shipped head CT template), "center" or "none".
+    """
+
+    image_size: int = 224
+    in_plane_fov_mm: float = 224.0
+    slice_spacing_mm: float = 4.0
+    num_slices: int = 40
+    windows_hu: tuple[tuple[float, float], ...] = ((0, 80), (-20, 180), (-800, 2000))
+    alignment: str = "template"
+
+    def __post_init__(self):
+        if self.image_size < 1 or self.num_slices < 1:
+            raise ValueError(f"image_size and num_slices must be positive (got {self.image_size}, "
+                             f"{self.num_slices}).")
+        if self.in_plane_fov_mm <= 0 or self.slice_spacing_mm <= 0:
+            raise ValueError(f"in_plane_fov_mm and slice_spacing_mm must be positive (got "
+                             f"{self.in_plane_fov_mm}, {self.slice_spacing_mm}).")
+        windows = tuple((float(low), float(high)) for low, high in self.windows_hu)
+        if not windows or any(high <= low for low, high in windows):
+            raise ValueError(f"windows_hu needs at least one (low, high) pair with high > low; got {self.windows_hu}.")
+        object.__setattr__(self, "windows_hu", windows)
+        if self.alignment not in ("template", "center", "none"):
+            raise ValueError(f"alignment must be 'template', 'center' or 'none' (got {self.alignment!r}).")
+
+    @property
+    def pixel_spacing_mm(self) -> float:
+        return self.in_plane_fov_mm / self.image_size
+
+    def to_dict(self) -> dict:
+        """JSON-able dict (windows as lists)."""
+        data = dataclasses.asdict(self)
+        data["windows_hu"] = [list(w) for w in self.windows_hu]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessConfig":
+        """Inverse of ``to_dict``; unknown keys are an error (a bundle asks for something we cannot do)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown preprocessing parameters {unknown}; this version understands {sorted(known)}. "
+                             "Update HeadCTMoLRE or use a model bundle made for this version.")
+        values = dict(data)
+        if "windows_hu" in values:
+            values["windows_hu"] = tuple(tuple(w) for w in values["windows_hu"])
+        return cls(**values)
+
+
+@dataclass
+class SliceStack:
+    """The model input and its geometry.
+
+    pixels: float32 (S, C, H, W), 0..1; channel c = window c; slice inferior -> superior, row anterior ->
+        posterior, column patient right -> left.
+    slice_valid: bool (S,): the slice lies (mostly) inside the scanned volume; invalid slices are air.
+    head_mask: bool (S, H, W): head (skin and inside), False on invalid slices.
+    slice_positions_mm: float64 (S, 3): slice centres in the ORIGINAL image's patient LPS mm.
+    origin_mm, spacing_mm: float64 (3,) head-frame grid, x y z order: LPS mm of pixel (0, 0, 0) and the
+        spacing (col, row, slice); the grid is axis-aligned (identity direction) in the head frame.
+    head_to_patient: float64 (4, 4) rigid: head-frame LPS mm -> original patient LPS mm.
+    alignment: JSON-able description of the alignment (method, fallback, quality).
+    """
+
+    pixels: np.ndarray
+    slice_valid: np.ndarray
+    head_mask: np.ndarray
+    slice_positions_mm: np.ndarray
+    origin_mm: np.ndarray
+    spacing_mm: np.ndarray
+    head_to_patient: np.ndarray
+    alignment: dict
+    warnings: list[str] = field(default_factory=list)
+    config: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def stack_index_to_patient(self, kji: np.ndarray) -> np.ndarray:
+        """(..., 3) continuous (slice, row, col) indices -> (..., 3) patient LPS mm."""
+        kji = np.asarray(kji, dtype=np.float64)
+        frame = self.origin_mm + kji[..., ::-1] * self.spacing_mm
+        return frame @ self.head_to_patient[:3, :3].T + self.head_to_patient[:3, 3]
+
+    def patient_to_stack_index(self, lps: np.ndarray) -> np.ndarray:
+        """(..., 3) patient LPS mm -> (..., 3) continuous (slice, row, col) indices (inverse of the above)."""
+        lps = np.asarray(lps, dtype=np.float64)
+        rotation, translation = self.head_to_patient[:3, :3], self.head_to_patient[:3, 3]
+        frame = (lps - translation) @ rotation  # R^T (p - t), row-vector form
+        return ((frame - self.origin_mm) / self.spacing_mm)[..., ::-1]
+
+    def grid_image(self, values: np.ndarray) -> sitk.Image:
+        """float32 SimpleITK image of (S, H, W) values placed on the stack grid in patient space."""
+        image = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float32))
+        image.SetSpacing([float(s) for s in self.spacing_mm])
+        image.SetOrigin([float(v) for v in self.stack_index_to_patient(np.zeros(3))])
+        image.SetDirection([float(v) for v in self.head_to_patient[:3, :3].ravel()])
+        return image
+
+
+def apply_windows(hu: np.ndarray, windows_hu) -> np.ndarray:
+    """(...) HU array -> float32 (C, ...) with channel c = clip((hu - low_c) / (high_c - low_c), 0, 1)."""
+    hu = np.asarray(hu, dtype=np.float32)
+    channels = [np.clip((hu - np.float32(low)) / np.float32(high - low), 0.0, 1.0) for low, high in windows_hu]
+    return np.stack(channels).astype(np.float32, copy=False)
+
+
+def _as_image(volume) -> tuple[sitk.Image, list[str]]:
+    image = getattr(volume, "image", volume)
+    if not isinstance(image, sitk.Image):
+        raise TypeError(f"preprocess() needs a SimpleITK.Image in HU (or an object with .image), got {type(volume).__name__}.")
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"preprocess() needs a 3D scalar CT volume; got a {image.GetDimension()}D image with "
+                         f"{image.GetNumberOfComponentsPerPixel()} component(s) per pixel. Load the whole series "
+                         "(not one slice or a colour screenshot).")
+    return image, list(getattr(volume, "warnings", []) or [])
+
+
+def _stack_grid(config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """(origin_mm (3,), spacing_mm (3,), size (x, y, z)) of the stack grid in the head frame."""
+    size = (config.image_size, config.image_size, config.num_slices)
+    spacing = np.array([config.pixel_spacing_mm, config.pixel_spacing_mm, config.slice_spacing_mm])
+    origin = np.array(HEAD_FRAME_CENTER_MM) - (np.array(size) - 1) / 2.0 * spacing
+    return origin, spacing, size
+
+
+def anti_alias(hu: sitk.Image, output_spacing_along_axes: np.ndarray) -> sitk.Image:
+    """Low-pass ``hu`` (float32 HU) before sampling at ``output_spacing_along_axes`` (mm, one per input
+    axis, x y z): box-average by integer factors, then a Gaussian so the total blur along an axis has
+    sigma = (output - input spacing) / 2 mm. Axes that are not downsampled are left untouched."""
+    spacing_in = np.array(hu.GetSpacing())
+    target_sigma = np.maximum(output_spacing_along_axes - spacing_in, 0.0) / 2.0
+    factors = [int(max(1, min(math.floor(o / s), n)))
+               for o, s, n in zip(output_spacing_along_axes, spacing_in, hu.GetSize())]
+    if max(factors) > 1:
+        hu = sitk.BinShrink(hu, factors)
+    box_variance = (np.array(factors) ** 2 - 1) / 12.0 * spacing_in ** 2
+    residual_variance = np.maximum(target_sigma ** 2 - box_variance, 0.0)
+    new_spacing = np.array(hu.GetSpacing())
+    # Gaussian only where it matters (sigma above a fifth of a voxel) and per axis.
+    residual_variance[np.sqrt(residual_variance) < 0.2 * new_spacing] = 0.0
+    if residual_variance.max() > 0:
+        hu = sitk.DiscreteGaussian(hu, variance=[float(v) for v in residual_variance],
+                                   maximumKernelWidth=64, maximumError=0.01, useImageSpacing=True)
+    return hu
+
+
+def _output_spacing_along_input_axes(hu: sitk.Image, frame_to_patient_rotation: np.ndarray,
+                                     stack_spacing_mm: np.ndarray) -> np.ndarray:
+    """For each input axis (unit vector u in patient space), the stack's sampling distance along it:
+    sqrt(sum_i (v_i * spacing_i)^2) with v = u in head-frame coordinates (exact when the axes line up)."""
+    input_axes_patient = np.array(hu.GetDirection()).reshape(3, 3)  # columns = axis directions
+    input_axes_frame = frame_to_patient_rotation.T @ input_axes_patient
+    return np.sqrt(((input_axes_frame * stack_spacing_mm[:, None]) ** 2).sum(axis=0))
+
+
+def _slice_scanned_fraction(stack: SliceStack, image: sitk.Image, step: int = 8) -> np.ndarray:
+    """(S,) fraction of each slice's pixels (sampled every ``step`` pixels) inside the input voxel grid."""
+    s, _, h, w = stack.pixels.shape
+    k, j, i = np.meshgrid(np.arange(s), np.arange(0, h, step), np.arange(0, w, step), indexing="ij")
+    lps = stack.stack_index_to_patient(np.stack([k, j, i], axis=-1).astype(np.float64))
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    index = (lps - np.array(image.GetOrigin())) @ direction / np.array(image.GetSpacing())  # D^T(p-o)/s
+    size = np.array(image.GetSize())
+    inside = np.all((index >= -0.5) & (index <= size - 0.5), axis=-1)
+    return inside.reshape(s, -1).mean(axis=1)
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """bool (S, H, W) -> bool (S, H, W) with 2D holes filled in every slice. One 2D fill on a column of
+    tiles separated by empty rows (each tile's background touches the border through its separator)."""
+    s, h, w = mask.shape
+    tiles = np.zeros((s, h + 1, w), np.uint8)
+    tiles[:, 1:, :] = mask
+    filled = sitk.GetArrayViewFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(tiles.reshape(s * (h + 1), w))))
+    return filled.reshape(s, h + 1, w)[:, 1:, :] > 0
+
+
+def head_mask_slices(hu_stack: np.ndarray) -> np.ndarray:
+    """bool (S, H, W) head mask of a (S, H, W) HU stack: largest body above -300 HU (opened in-plane to
+    drop the table and headrest), holes (sinus and mastoid air) filled slice by slice."""
+    body = sitk.GetImageFromArray((hu_stack > HEAD_THRESHOLD_HU).astype(np.uint8))
+    body = sitk.GrayscaleMorphologicalOpening(body, [2, 2, 0], sitk.sitkBox)  # binary opening is 2x slower
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(body), sortByObjectSize=True)
+    return fill_holes_per_slice(sitk.GetArrayViewFromImage(components) == 1)
+
+
+def preprocess(volume, config: PreprocessConfig = PreprocessConfig()) -> SliceStack:
+    """CT volume (HU, LPS) -> SliceStack (S x C x H x W windows in the standard head frame + geometry).
+
+    volume: 3D SimpleITK.Image in HU (any pixel type, direction and spacing), or an object with
+        ``.image`` (and optionally ``.warnings``).
+    config: PreprocessConfig. Raises ValueError for non-3D or multi-component images.
+    """
+    image, warnings = _as_image(volume)
+    hu = clamp_hu(image)
+    alignment = align_to_head_frame(hu, config.alignment)
+    warnings += alignment.warnings
+    origin, spacing, size = _stack_grid(config)
+    stack = SliceStack(
+        pixels=np.zeros((size[2], len(config.windows_hu), size[1], size[0]), np.float32),
+        slice_valid=np.zeros(size[2], bool), head_mask=np.zeros(size[::-1], bool),
+        slice_positions_mm=np.zeros((size[2], 3)), origin_mm=origin, spacing_mm=spacing,
+        head_to_patient=alignment.head_to_patient, alignment=alignment.info, warnings=warnings, config=config)
+
+    rotation = alignment.head_to_patient[:3, :3]
+    smoothed = anti_alias(hu, _output_spacing_along_input_axes(hu, rotation, spacing))
+    reference = stack.grid_image(np.zeros(size[::-1], np.float32))
+    hu_stack = sitk.GetArrayFromImage(
+        sitk.Resample(smoothed, reference, sitk.Transform(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32))
+
+    stack.slice_valid = _slice_scanned_fraction(stack, image) >= MIN_VALID_SLICE_FRACTION
+    hu_stack[~stack.slice_valid] = AIR_HU
+    stack.head_mask = head_mask_slices(hu_stack)
+    stack.pixels = np.ascontiguousarray(apply_windows(hu_stack, config.windows_hu).transpose(1, 0, 2, 3))
+    centre_rows = np.stack([np.arange(size[2]), np.full(size[2], (size[1] - 1) / 2), np.full(size[2], (size[0] - 1) / 2)], -1)
+    stack.slice_positions_mm = stack.stack_index_to_patient(centre_rows)
+    if not stack.slice_valid.any():
+        stack.warnings.append("Preprocess: no slice of the head frame lies inside the scanned volume; the stack "
+                              "is all air. Check the image geometry (origin, spacing) and that it is a head CT.")
+    elif not stack.head_mask.any():
+        stack.warnings.append("Preprocess: no head (tissue above -300 HU) inside the slice stack. Check that the "
+                              "input is a head CT in HU.")
+    return stack
+
+
+def stack_to_image(values: np.ndarray, stack: SliceStack, reference: sitk.Image, *,
+                   interpolation: str = "linear", default_value: float = 0.0) -> sitk.Image:
+    """Put per-slice or per-pixel stack values back on the original image grid.
+
+    values: (S,) one number per slice (spread over the slice inside ``stack.head_mask``; ``default_value``
+        elsewhere) or (S, H, W) one per stack pixel.
+    reference: the ORIGINAL input image (or anything with its geometry); only its grid is used.
+    interpolation: "linear" (attention, probabilities) or "nearest" (label maps such as expert indices).
+    Returns a float32 image on the reference's grid (same size, spacing, origin, direction; LPS mm).
+    """
+    values = np.asarray(values, dtype=np.float32)
+    s, h, w = stack.head_mask.shape
+    if values.shape == (s,):
+        values = np.where(stack.head_mask, values[:, None, None], np.float32(default_value))
+    elif values.shape != (s, h, w):
+        raise ValueError(f"stack_to_image: values must have shape ({s},) or ({s}, {h}, {w}); got {values.shape}.")
+    modes = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
+    if interpolation not in modes:
+        raise ValueError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}.")
+    reference = getattr(reference, "image", reference)
+    return sitk.Resample(stack.grid_image(values), reference, sitk.Transform(), modes[interpolation],
+                         float(default_value), sitk.sitkFloat32)
