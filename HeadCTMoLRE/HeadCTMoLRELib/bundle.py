@@ -143,6 +143,7 @@ def save_bundle(
     """
     from safetensors.torch import save_file
 
+    from . import backbones
     from . import model as model_lib
 
     out_dir = Path(out_dir)
@@ -167,7 +168,7 @@ def save_bundle(
         backbone_entry: dict[str, Any] = {
             "family": config.backbone.family,
             "size": config.backbone.size,
-            "transformers_config": model_lib.backbone_transformers_config(model),
+            "transformers_config": backbones.transformers_config_dict(model.encoder),
         }
         if bundle_backbone:
             full = model_lib.full_state_dict(model)
@@ -384,7 +385,11 @@ def build_model(bundle: Bundle, *, backbone_folder: str | os.PathLike | None = N
     folder = resolve_backbone_folder(bundle, backbone_folder)
     adapters = load_file(str(bundle.path / ADAPTERS_FILE))
     if folder is None:
-        classifier = model_lib.build_classifier(bundle.model_config)
+        # rebuild the exact architecture from the stored transformers config (never from spec.source)
+        classifier = model_lib.build_classifier(
+            bundle.model_config,
+            backbone_transformers_config=bundle.manifest["backbone"].get("transformers_config"),
+        )
         state = load_file(str(bundle.path / BACKBONE_FILE))
         state.update(adapters)
         try:

@@ -177,6 +177,13 @@ def _cmd_infer(args) -> int:
     return EXIT_OK
 
 
+# -------------------------------------------------------------------------------------------- benchmark
+def _cmd_benchmark(args) -> int:
+    from . import benchmark
+
+    return benchmark.run_from_args(args)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -244,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=15, help="rows to print (default 15)")
     p.add_argument("--all", action="store_true", help="print all findings")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+
+    p = add("benchmark", _cmd_benchmark, "Time each stage, count FLOPs and memory for tiny/small/base models.")
+    from .benchmark import add_arguments as add_benchmark_arguments
+
+    add_benchmark_arguments(p)
     return parser
 
 
@@ -252,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except ValueError as error:  # CTInputError, CatalogError, BundleError... are ValueErrors with a message
+    except (ValueError, FileNotFoundError) as error:  # CTInputError, BundleError...: a message for the user
         print(f"error: {error}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
