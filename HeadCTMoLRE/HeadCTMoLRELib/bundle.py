@@ -220,6 +220,7 @@ def save_bundle(
             "files": files,
         }
         _write_json(staging / MANIFEST, manifest)
+        _make_readable(staging)  # mkdtemp makes 0700; bundles are shared between users and machines
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -227,6 +228,12 @@ def save_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _make_readable(folder: Path) -> None:
+    os.chmod(folder, 0o755)
+    for path in folder.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
 
 
 def _software_versions() -> dict:

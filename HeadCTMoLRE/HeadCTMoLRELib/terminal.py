@@ -34,19 +34,14 @@ def format_validation(report: Mapping) -> str:
         f"  size {_xyz(report.get('size'), '{:d}')} voxels, spacing {_xyz(report.get('spacing_mm'))} mm"
         + (f", orientation {report['orientation']}" if report.get("orientation") else "")
     )
-    if report.get("coverage_mm") is not None:
-        coverage = report["coverage_mm"]
-        if isinstance(coverage, (list, tuple)):
-            coverage = _xyz(coverage, "{:.0f}")
-        else:
-            coverage = f"{coverage:.0f}"
-        out.append(f"  coverage {coverage} mm")
-    pct = report.get("hu_percentiles")
-    if pct:
-        if isinstance(pct, Mapping):
-            out.append("  HU percentiles " + ", ".join(f"p{k}={v:.0f}" for k, v in pct.items()))
-        else:
-            out.append("  HU percentiles " + ", ".join(f"{v:.0f}" for v in pct))
+    coverage = report.get("coverage_mm")
+    if isinstance(coverage, Mapping):
+        out.append("  coverage " + ", ".join(f"{axis} {mm:.0f} mm" for axis, mm in coverage.items()))
+    elif coverage is not None:
+        out.append(f"  coverage {coverage:.0f} mm")
+    percentiles = report.get("hu_percentiles")
+    if isinstance(percentiles, Mapping) and percentiles:
+        out.append("  HU percentiles " + ", ".join(f"{k} {v:.0f}" for k, v in percentiles.items()))
     prov = report.get("provenance") or {}
     if prov.get("format") == "dicom":
         desc = prov.get("series_description") or ""

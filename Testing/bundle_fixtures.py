@@ -1,0 +1,33 @@
+"""Helpers that build tiny, randomly initialised model bundles for tests (seconds on a CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from HeadCTMoLRELib import backbones, bundle, findings, model, preprocess
+
+
+def make_classifier(family: str = "dinov3", image_size: int = 32, use_molre: bool = True, seed: int = 0,
+                    randomize_adapters: bool = True):
+    """A tiny classifier; with randomize_adapters the zero-initialised LoRA B / MoLRE experts get random
+    values so that outputs depend on every trainable tensor (as after training)."""
+    torch.manual_seed(seed)
+    catalog = findings.default_catalog()
+    spec = backbones.BackboneSpec(family=family, size="tiny", image_size=image_size)
+    config = model.ModelConfig(backbone=spec, num_findings=len(catalog), use_molre=use_molre)
+    classifier = model.build_classifier(config).eval()
+    if randomize_adapters:
+        with torch.no_grad():
+            for tensor in model.trainable_state_dict(classifier).values():
+                if tensor.dtype.is_floating_point:
+                    tensor.copy_(torch.randn_like(tensor) * 0.05)
+    return classifier, catalog
+
+
+def make_bundle(out: Path, *, family: str = "dinov3", image_size: int = 32, use_molre: bool = True,
+                alignment: str = "center", seed: int = 0, **save_kwargs) -> Path:
+    classifier, catalog = make_classifier(family, image_size, use_molre, seed)
+    pre = preprocess.PreprocessConfig(image_size=image_size, alignment=alignment)
+    return bundle.save_bundle(classifier, out, catalog=catalog, preprocessing=pre, **save_kwargs)

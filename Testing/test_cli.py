@@ -1,0 +1,122 @@
+"""The `headct-molre` command line: exit codes, text and JSON contracts of validate, demo, new-model,
+info and infer, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from HeadCTMoLRELib import cli
+
+REAL_NIFTI = "real/derived/GE_head_axial_1x1x5mm.nii.gz"
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_validate_accepts_a_good_series_with_exit_0(capsys, test_data):
+    code, out, _ = run(capsys, "validate", str(test_data / "bad" / "00_good_control_series"))
+    assert code == 0
+    assert out.startswith("ACCEPTED") and "64 x 64 x 20 voxels" in out
+
+
+def test_validate_refuses_with_exit_2_and_says_why(capsys, test_data):
+    code, out, _ = run(capsys, "validate", str(test_data / "bad" / "13_dicom_mr_series"))
+    assert code == 2
+    assert out.startswith("REFUSED") and "MR" in out
+
+
+def test_validate_json_has_the_documented_keys(capsys, test_data):
+    code, out, _ = run(capsys, "validate", "--json", str(test_data / "bad" / "10_dicom_missing_slice"))
+    report = json.loads(out)
+    assert {"accepted", "error", "warnings", "size", "spacing_mm"} <= set(report)
+    assert (code == 0) == report["accepted"]
+    if report["accepted"]:
+        assert any("gap" in w.lower() or "missing" in w.lower() for w in report["warnings"])
+    else:
+        assert report["error"]
+
+
+def test_validate_hu_offset_corrects_raw_ct_numbers(capsys, test_data):
+    raw = str(test_data / "real" / "slicer_CTHeadAxialDicom")
+    code, out, _ = run(capsys, "validate", "--json", raw)
+    refused = json.loads(out)
+    assert code == 2 and "1024" in refused["error"]
+    code, out, _ = run(capsys, "validate", "--json", "--hu-offset", "-1024", raw)
+    corrected = json.loads(out)
+    assert code == 0 and corrected["accepted"]
+    assert any("-1024" in w for w in corrected["warnings"])
+
+
+def test_demo_runs_on_the_bundled_sample(capsys):
+    code, out, _ = run(capsys, "demo", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["validation"]["accepted"]
+    assert result["preprocessing"]["shape"] == [40, 3, 224, 224]
+    assert result["preprocessing"]["valid_slices"] > 20
+
+
+def test_new_model_info_and_infer_end_to_end(capsys, tmp_path, test_data):
+    bundle_dir = tmp_path / "model"
+    code, out, _ = run(capsys, "new-model", "--backbone", "dinov3", "--size", "tiny", "--image-size", "32",
+                       "--alignment", "center", "--out", str(bundle_dir))
+    assert code == 0 and "wrote" in out and (bundle_dir / "manifest.json").is_file()
+
+    code, out, _ = run(capsys, "info", str(bundle_dir), "--verify")
+    assert code == 0 and "dinov3 tiny" in out and "All file hashes verified" in out
+
+    code, out, _ = run(capsys, "infer", str(test_data / REAL_NIFTI), "--model", str(bundle_dir), "--device", "cpu",
+                       "--json", "--out", str(tmp_path / "out"))
+    assert code == 0
+    result = json.loads(out)
+    assert {"findings", "attention", "router_weights", "slice_positions_mm"} <= set(result)
+    assert len(result["findings"]) == 75
+    assert {"id", "name", "category", "probability", "threshold", "positive"} <= set(result["findings"][0])
+    assert len(result["attention"]) == 40 and len(result["router_weights"][0]) == 6
+    for name in ("findings.tsv", "findings.json", "attention.nrrd", "experts.nrrd"):
+        assert (tmp_path / "out" / name).is_file()
+
+    code, out, _ = run(capsys, "infer", str(test_data / REAL_NIFTI), "--model", str(bundle_dir), "--device", "cpu",
+                       "--top", "5")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["prob", "finding", "category"]
+    assert "Research use only" in out
+
+
+def test_new_model_refuses_an_existing_folder_and_unknown_family(capsys, tmp_path):
+    code, _, err = run(capsys, "new-model", "--backbone", "resnet", "--size", "tiny", "--out", str(tmp_path / "x"))
+    assert code == 2 and "resnet" in err
+    (tmp_path / "exists").mkdir()
+    code, _, err = run(capsys, "new-model", "--backbone", "dinov3", "--size", "tiny", "--out", str(tmp_path / "exists"))
+    assert code == 2 and "already exists" in err
+
+
+def test_infer_refused_input_exits_2_with_the_reason(capsys, tmp_path, test_data):
+    code, _, _ = run(capsys, "new-model", "--backbone", "dinov3", "--size", "tiny", "--image-size", "32",
+                     "--out", str(tmp_path / "m"))
+    assert code == 0
+    code, _, err = run(capsys, "infer", str(test_data / "bad" / "01_nifti_truncated.nii.gz"), "--model",
+                       str(tmp_path / "m"))
+    assert code == 2 and "01_nifti_truncated.nii.gz" in err and "truncated" in err.lower()
+
+
+def test_infer_with_a_missing_bundle_says_how_to_make_one(capsys, tmp_path, test_data):
+    code, _, err = run(capsys, "infer", str(test_data / REAL_NIFTI), "--model", str(tmp_path))
+    assert code == 2 and "new-model" in err
+
+
+def test_installed_entry_point_runs(test_data):
+    completed = subprocess.run(
+        [sys.executable, "-m", "HeadCTMoLRELib.cli", "validate", str(test_data / "bad" / "05_nifti_2d.nii.gz")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 2
+    assert "2D" in completed.stdout or "2-D" in completed.stdout
