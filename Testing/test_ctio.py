@@ -204,6 +204,25 @@ def test_two_different_images_at_one_position_are_refused_with_both_file_names(t
     assert "IM0005.dcm" in str(caught.value) and "IM0005_other.dcm" in str(caught.value)
 
 
+def test_dicom_with_truncated_pixel_data_is_refused_naming_the_file(tmp_path):
+    folder = _copy_control(tmp_path)
+    data = (folder / "IM0005.dcm").read_bytes()
+    (folder / "IM0005.dcm").write_bytes(data[:-3000])
+    with pytest.raises(CTInputError, match="IM0005.dcm: cannot decode the pixel data"):
+        load_ct(folder)
+
+
+def test_series_mixing_orientations_is_refused(tmp_path):
+    folder = _copy_control(tmp_path)
+    for name in ("IM0001.dcm", "IM0002.dcm", "IM0003.dcm", "IM0004.dcm", "IM0005.dcm", "IM0006.dcm",
+                 "IM0007.dcm", "IM0008.dcm", "IM0009.dcm", "IM0010.dcm"):
+        ds = pydicom.dcmread(folder / name)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, -0.6]
+        ds.save_as(folder / name)
+    with pytest.raises(CTInputError, match="images have different orientations"):
+        load_ct(folder)
+
+
 def test_gap_beyond_threshold_is_refused_naming_the_neighbouring_files(tmp_path):
     folder = _copy_control(tmp_path)
     (folder / "IM0010.dcm").unlink()
@@ -301,6 +320,16 @@ def _write_like(control: sitk.Image, array: np.ndarray, path: Path) -> Path:
     image.CopyInformation(control)
     sitk.WriteImage(image, str(path))
     return path
+
+
+def test_4d_file_holding_one_volume_loads_as_3d(tmp_path, control):
+    array = sitk.GetArrayFromImage(control)[None]  # t, z, y, x with t = 1
+    image = sitk.JoinSeries([control])
+    path = tmp_path / "one_volume.nii.gz"
+    sitk.WriteImage(image, str(path))
+    volume = load_ct(path)
+    assert volume.image.GetDimension() == 3
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(volume.image), array[0])
 
 
 def test_nan_voxels_are_refused(tmp_path, control):

@@ -296,13 +296,14 @@ def _read_volume_file(path: Path, hu_offset: float | None) -> tuple[sitk.Image, 
     if reader.GetNumberOfComponents() > 1:
         raise CTInputError(f"{path}: {reader.GetNumberOfComponents()}-component (RGB/vector) image; "
                            "a grey-scale CT volume in HU is required.")
-    direction = reader.GetDirection()
-    warnings += ct_checks.check_grid(str(path), size, reader.GetSpacing(),
-                                     direction if len(size) == 3 else np.eye(3).ravel())
+    dims = len(size)
+    direction = np.asarray(reader.GetDirection()).reshape(dims, dims)[:3, :3].ravel() if dims >= 3 else np.eye(3)
+    warnings += ct_checks.check_grid(str(path), size, reader.GetSpacing(), direction)
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        raise CTInputError(f"{path}: cannot read the voxel data ({_first_line(error)}); the file is corrupt.") from error
+        raise CTInputError(
+            f"{path}: cannot read the voxel data ({_first_line(error)}); the file is corrupt.") from error
     if image.GetDimension() == 4:  # a 4-D file with one volume
         image = image[:, :, :, 0]
     image = sitk.Cast(image, sitk.sitkFloat32)

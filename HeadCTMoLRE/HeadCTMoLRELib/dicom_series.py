@@ -304,7 +304,8 @@ def _series_problem(series: DicomSeries) -> str | None:
                 + (f", {first.photometric} colour pixels" if first.samples_per_pixel != 1 else "")
                 + "), not CT image data")
     if first.samples_per_pixel != 1 or not first.photometric.startswith("MONOCHROME"):
-        return f"{first.photometric or 'colour'} images with {first.samples_per_pixel} samples per pixel (RGB), not CT data"
+        return (f"{first.photometric or 'colour'} images with {first.samples_per_pixel} samples per pixel (RGB), "
+                "not CT data")
     derived = [w for w in DERIVED_MAP_WORDS if w in first.image_type]
     if first.image_type[:1] == ("DERIVED",) and derived:
         return (f"derived {'/'.join(derived).lower()} map (ImageType {'/'.join(first.image_type)}), "
@@ -318,6 +319,12 @@ def _series_problem(series: DicomSeries) -> str | None:
         return "DICOM files contain no pixel data (header-only or stripped instances)"
     if any(s.orientation is None or s.position_mm is None for s in series.slices):
         return "images lack ImagePositionPatient/ImageOrientationPatient; the geometry cannot be built"
+    orientations = np.array([s.orientation for s in series.slices])
+    if np.max(np.abs(orientations - orientations[0])) > 10 * ORIENTATION_TOLERANCE:
+        return ("images have different orientations (ImageOrientationPatient), e.g. "
+                f"{series.slices[0].path.name} and "
+                f"{series.slices[int(np.argmax(np.abs(orientations - orientations[0]).max(axis=1)))].path.name}; "
+                "the series mixes reconstructions: export one of them")
     if len(series.slices) < 2:
         return "only 1 image; insufficient coverage for a head CT volume"
     groups: dict[tuple, list[DicomSlice]] = {}

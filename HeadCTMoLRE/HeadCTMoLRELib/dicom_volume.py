@@ -30,7 +30,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from .ct_checks import AIR_HU, CTInputError
+from .ct_checks import AIR_HU, CTInputError, check_grid
 from .dicom_series import DicomSeries, DicomSlice
 
 MAX_GAP_FACTOR = 2.5
@@ -183,6 +183,9 @@ def build_volume(series: DicomSeries, hu_offset: float | None = None) -> tuple[s
             f"(typical spacing {step:.2f} mm; refused above {MAX_GAP_FACTOR:g}x and {MAX_GAP_MM:g} mm): slices are "
             "missing from the series. Export the complete series.")
     spacing_rows, spacing_cols = series.first.pixel_spacing_mm
+    # refuse absurd or too-short grids from the headers alone, before any pixel is decoded
+    check_grid(f"{len(slices)} slices", (series.first.columns, series.first.rows, len(slices)),
+               (spacing_cols, spacing_rows, step), axes.ravel())
     u = positions @ row_dir  # in-plane offsets of each slice (mm)
     v = positions @ col_dir
     shift_px = max(np.ptp(u) / spacing_cols, np.ptp(v) / spacing_rows)
