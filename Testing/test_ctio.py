@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from HeadCTMoLRELib import ctio
-from HeadCTMoLRELib.ct_checks import orientation_code
+from HeadCTMoLRELib.ct_checks import check_grid, orientation_code
 from HeadCTMoLRELib.ctio import CTInputError, list_dicom_series, load_ct, validation_report
 
 BAD = Path(__file__).resolve().parent / "Data" / "bad"
@@ -105,6 +105,7 @@ def test_bad_input_case_behaves_as_its_category_says(case, control):
     assert volume.image.GetPixelID() == sitk.sitkFloat32
     assert float(sitk.GetArrayViewFromImage(volume.image).min()) >= -1024.0
     messages = " | ".join(volume.warnings + volume.notes)
+    assert "partial head coverage" not in messages  # every variant covers the control's 100 mm
     if phrase:
         assert phrase in messages
     if kind == "warn":
@@ -156,6 +157,14 @@ def test_validation_report_is_json_and_describes_geometry():
     assert set(report["hu_percentiles"]) == {"p1", "p5", "p25", "p50", "p75", "p95", "p99"}
     assert validation_report(CONTROL)["orientation"] == "LPS"
     assert "PatientName" not in json.dumps(report) and "PatientID" not in json.dumps(report)
+
+
+def test_thin_tilted_stack_is_refused_for_coverage_despite_a_wide_tilted_plane():
+    tilt = np.deg2rad(20)
+    row, column = np.array([1.0, 0, 0]), np.array([0, np.cos(tilt), -np.sin(tilt)])
+    direction = np.column_stack([row, column, np.cross(row, column)]).ravel()
+    with pytest.raises(CTInputError, match="insufficient z coverage \\(16 mm"):
+        check_grid("tilted", (512, 512, 3), (0.5, 0.5, 5.0), direction)
 
 
 def test_orientation_code_names_the_direction_each_axis_points_to():

@@ -406,7 +406,7 @@ def validation_report(source, series: str | None = None, *, hu_offset: float | N
 
     Keys: accepted, error, warnings, notes, size (x,y,z), spacing_mm, origin_mm, direction (9, row-major),
     orientation (letters the x, y, z axes point to, e.g. "LPS"), hu_percentiles, coverage_mm
-    (bounding-box extent along L-R, A-P, S-I), provenance. Refusals give accepted False and the error.
+    (extent along L-R, A-P, S-I, see ``ct_checks.patient_extent_mm``), provenance. Refusals give accepted False and the error.
     """
     report = {"source": str(source) if isinstance(source, (str, os.PathLike)) else [str(p) for p in source],
               "accepted": False, "error": None, "warnings": [], "notes": [], "size": None, "spacing_mm": None,
