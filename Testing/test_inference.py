@@ -223,3 +223,22 @@ def test_cuda_out_of_memory_recovers_with_smaller_chunks(tiny_bundle, monkeypatc
     assert device.type == "cuda" and notes == ["CUDA out of memory: retrying with 6 slices per chunk",
                                                "CUDA out of memory: retrying with 3 slices per chunk"]
     np.testing.assert_allclose(result["logits"], reference.logits[0].numpy(), atol=1e-5)
+
+
+def test_static_shape_path_for_cuda_graphs_gives_the_same_outputs(tiny_bundle, monkeypatch):
+    """CUDA-graph capture and torch.compile encode every slice and zero the invalid ones afterwards."""
+    from HeadCTMoLRELib import bundle
+    from HeadCTMoLRELib import model as model_lib
+
+    classifier = bundle.build_model(bundle.load_bundle(tiny_bundle))
+    torch.manual_seed(1)
+    pixels = torch.rand(2, 7, 3, 32, 32)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, :2] = False
+    mask[1, -3:] = False
+    with torch.no_grad():
+        dynamic = classifier(pixels, mask)
+        monkeypatch.setattr(model_lib, "_static_shapes_required", lambda: True)
+        static = classifier(pixels, mask)
+    for name in ("logits", "attention", "router_weights", "contributions"):
+        torch.testing.assert_close(getattr(static, name), getattr(dynamic, name), atol=1e-5, rtol=1e-5)

@@ -161,7 +161,7 @@ def benchmark_size(
         forward_s["graph"] = _median_time(graphed, torch_device, repeats * 4, warmup=3)
     if compile_model:
         log(f"[{size}] torch.compile forward (compiling...)")
-        compiled = torch.compile(classifier, mode="max-autotune" if torch_device.type == "cuda" else "default")
+        compiled = torch.compile(classifier, mode="reduce-overhead" if torch_device.type == "cuda" else "default")
         t0 = time.perf_counter()
         forward(compiled)()
         _sync(torch_device)

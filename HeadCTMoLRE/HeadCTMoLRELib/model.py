@@ -146,7 +146,17 @@ class HeadCTClassifier(nn.Module):
     # 2-D: one feature per slice -------------------------------------------------------------------
 
     def _encode_slices(self, pixels: torch.Tensor, slice_mask: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-        """(B, S, 3, H, W) -> (B, S, d), running the backbone on valid slices only, chunk_size at a time."""
+        """(B, S, 3, H, W) -> (B, S, d), running the backbone on valid slices only, chunk_size at a time.
+
+        Under CUDA-graph capture or torch.compile every slice is encoded and the invalid ones are zeroed
+        afterwards: the same result without the data-dependent shapes that force a host sync.
+        """
+        if _static_shapes_required():
+            flat = pixels.flatten(0, 1)  # (B*S, 3, H, W)
+            step = chunk_size or flat.shape[0]
+            encoded = torch.cat([self.encoder(flat[i : i + step]) for i in range(0, flat.shape[0], step)])
+            encoded = encoded.view(*slice_mask.shape, encoded.shape[-1])
+            return torch.where(slice_mask.unsqueeze(-1), encoded, torch.zeros_like(encoded))
         valid_pixels = pixels[slice_mask]  # (N, 3, H, W)
         step = chunk_size or valid_pixels.shape[0]
         encoded = torch.cat([self.encoder(valid_pixels[i : i + step]) for i in range(0, valid_pixels.shape[0], step)])
@@ -202,6 +212,12 @@ class HeadCTClassifier(nn.Module):
         )
 
 
+def _static_shapes_required() -> bool:
+    """True while a CUDA graph is being captured or torch.compile traces: no host syncs allowed."""
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+    return bool(compiling or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+
+
 def _checked_mask(pixels: torch.Tensor, slice_mask: torch.Tensor | None) -> torch.Tensor:
     if pixels.dim() != 5 or pixels.shape[2] != 3:
         raise ValueError(f"Expected pixels of shape (B, S, 3, H, W), got {tuple(pixels.shape)}.")
@@ -211,6 +227,8 @@ def _checked_mask(pixels: torch.Tensor, slice_mask: torch.Tensor | None) -> torc
     if tuple(slice_mask.shape) != (batch, num_slices):
         raise ValueError(f"slice_mask must have shape ({batch}, {num_slices}), got {tuple(slice_mask.shape)}.")
     slice_mask = slice_mask.to(device=pixels.device, dtype=torch.bool)
+    if _static_shapes_required():  # reading values back to the host is impossible while capturing
+        return slice_mask
     empty = (~slice_mask.any(dim=1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"Volumes {empty} of the batch have no valid slice (slice_mask all False).")
