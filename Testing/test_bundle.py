@@ -204,3 +204,22 @@ def test_backbone_folder_with_only_pickle_weights_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(bundle.BundleError, match="never loads pickle"):
         bundle.backbone_folder_hashes(tmp_path)
+
+
+def test_update_bundle_writes_calibration_and_documents_and_keeps_it_valid(bundle_copy):
+    bundle.update_bundle(bundle_copy, thresholds={"subdural_hematoma": 0.2}, temperature=1.5,
+                         metrics={"mean_auc": 0.91}, extra_files={"model_card.md": "# Card\n"})
+    loaded = bundle.load_bundle(bundle_copy)  # hashes still verify, including the new document
+    assert loaded.thresholds["subdural_hematoma"] == 0.2 and loaded.thresholds["epidural_hematoma"] == 0.5
+    assert loaded.temperature == 1.5 and loaded.manifest["metrics"]["mean_auc"] == 0.91
+    assert "model_card.md" in loaded.manifest["files"]
+    (bundle_copy / "model_card.md").write_text("# Edited by hand\n")
+    with pytest.raises(bundle.BundleError, match="model_card.md has changed"):
+        bundle.load_bundle(bundle_copy)
+
+
+def test_update_bundle_refuses_unknown_findings_and_weight_files(bundle_copy):
+    with pytest.raises(bundle.BundleError, match="not_a_finding"):
+        bundle.update_bundle(bundle_copy, thresholds={"not_a_finding": 0.1})
+    with pytest.raises(bundle.BundleError, match="cannot write"):
+        bundle.update_bundle(bundle_copy, extra_files={"weights/x.safetensors": b""})

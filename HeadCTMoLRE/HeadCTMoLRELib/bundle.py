@@ -249,6 +249,56 @@ def _software_versions() -> dict:
     return versions
 
 
+def update_bundle(
+    path: str | os.PathLike,
+    *,
+    thresholds: Mapping[str, float] | None = None,
+    temperature: float | None = None,
+    metrics: Mapping | None = None,
+    training: Mapping | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
+) -> Path:
+    """Write calibration, metrics, provenance or documents (e.g. model_card.md) back into a bundle.
+
+    The bundle is verified first; the weights are never touched. Extra files are (re)written and
+    hashed into the manifest; the manifest is replaced atomically. Thresholds may name a subset of
+    findings (others keep theirs) but no finding outside the catalog.
+    """
+    folder = Path(path).expanduser().resolve()
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    ids = [row["id"] for row in manifest["findings"]["findings"]]
+    if thresholds:
+        unknown = sorted(set(thresholds) - set(ids))
+        if unknown:
+            raise BundleError(f"{folder}: thresholds for findings not in its catalog: {', '.join(unknown[:5])}")
+        merged = dict(manifest.get("thresholds") or {})
+        merged.update({fid: float(value) for fid, value in thresholds.items()})
+        manifest["thresholds"] = {fid: float(merged.get(fid, 0.5)) for fid in ids}
+    if temperature is not None:
+        if not temperature > 0:
+            raise BundleError(f"temperature must be positive, got {temperature}")
+        manifest["temperature"] = float(temperature)
+    if metrics is not None:
+        manifest["metrics"] = {**(manifest.get("metrics") or {}), **dict(metrics)}
+    if training is not None:
+        manifest["training"] = {**(manifest.get("training") or {}), **dict(training)}
+    for rel, content in (extra_files or {}).items():
+        if rel == MANIFEST or rel.endswith(".safetensors") or Path(rel).suffix in PICKLE_SUFFIXES:
+            raise BundleError(f"update_bundle cannot write {rel}; weights and the manifest are not documents")
+        target = folder / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        os.chmod(target, 0o644)
+        manifest["files"][rel] = sha256_file(target)
+    manifest["updated"] = _now()
+    staging = folder / f".{MANIFEST}.tmp"
+    _write_json(staging, manifest)
+    os.chmod(staging, 0o644)
+    os.replace(staging, folder / MANIFEST)
+    return folder
+
+
 # -------------------------------------------------------------------------------------------------- load
 def read_manifest(path: str | os.PathLike) -> dict:
     """Read and structurally check a bundle's manifest (no hashing, no torch): for `info` and lists."""
