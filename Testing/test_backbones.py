@@ -24,12 +24,23 @@ from HeadCTMoLRELib.backbones import (
     transformers_config_dict,
 )
 
+def _dinov2_attention_names() -> list[str]:
+    """DINOv2's attention Linears under the installed transformers' naming (renamed during 5.x)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    plain = Dinov2Model(Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, image_size=14))
+    if "encoder.layer.0.attention.q_proj" not in dict(plain.named_modules()):  # older 5.x: ViT-style names
+        return ["encoder.layer.{i}.attention.attention.query", "encoder.layer.{i}.attention.attention.key",
+                "encoder.layer.{i}.attention.attention.value", "encoder.layer.{i}.attention.output.dense"]
+    return ["encoder.layer.{i}.attention.q_proj", "encoder.layer.{i}.attention.k_proj",
+            "encoder.layer.{i}.attention.v_proj", "encoder.layer.{i}.attention.o_proj"]
+
+
 TINY_IMAGE = {"dinov3": 32, "dinov2": 28, "siglip": 32, "videomae3d": 32}
 INTENDED_ATTENTION = {
     "dinov3": ["model.layer.{i}.attention.q_proj", "model.layer.{i}.attention.k_proj",
                "model.layer.{i}.attention.v_proj", "model.layer.{i}.attention.o_proj"],
-    "dinov2": ["encoder.layer.{i}.attention.q_proj", "encoder.layer.{i}.attention.k_proj",
-               "encoder.layer.{i}.attention.v_proj", "encoder.layer.{i}.attention.o_proj"],
+    "dinov2": _dinov2_attention_names(),
     "siglip": ["encoder.layers.{i}.self_attn.q_proj", "encoder.layers.{i}.self_attn.k_proj",
                "encoder.layers.{i}.self_attn.v_proj", "encoder.layers.{i}.self_attn.out_proj"],
     "videomae3d": ["encoder.layer.{i}.attention.attention.query", "encoder.layer.{i}.attention.attention.key",

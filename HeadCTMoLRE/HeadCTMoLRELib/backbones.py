@@ -186,7 +186,9 @@ FAMILIES: dict[str, _Family] = {
         "dinov2",
         IMAGENET_MEAN,
         IMAGENET_STD,
-        r"encoder\.layer\.\d+\.attention\.(?:q|k|v|o)_proj",
+        # transformers >= 5.2x names the projections q/k/v/o_proj; earlier 5.x (as 4.x) used
+        # attention.attention.query/key/value and attention.output.dense.
+        r"encoder\.layer\.\d+\.attention\.(?:(?:q|k|v|o)_proj|attention\.(?:query|key|value)|output\.dense)",
         r"encoder\.layer\.\d+\.mlp\.(?:fc1|fc2|weights_in|weights_out)",
         {
             "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "mlp_ratio": 2, "patch_size": 14},
