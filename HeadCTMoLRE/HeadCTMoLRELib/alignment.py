@@ -6,8 +6,9 @@ z = superior, mm; the mid-sagittal plane is x = 0). Alignment finds ``head_to_pa
 matrix taking a head-frame LPS point (mm) to the input image's patient LPS point (mm).
 
 Methods:
-- ``"template"``: Euler3D rigid registration (Mattes mutual information on clipped HU, 8 mm then 4 mm)
-  of the template (fixed) to the input (moving), started from the head-mask centroids; accepted when the
+- ``"template"``: Euler3D rigid registration (normalised correlation on clipped HU; a pitch and z-shift
+  grid search, then gradient descent at 8 mm and 4 mm) of the template (fixed) to the input (moving),
+  started from the head-mask centroids; accepted when the
   head masks agree (Dice over the scanned part of the template) and the motion is plausible, otherwise it
   falls back to ``"center"`` with a warning.
 - ``"center"``: patient axes; the input's head-mask centroid goes to the template's head-mask centroid.
@@ -30,19 +31,23 @@ from .resources import resource_path
 TEMPLATE_FILE = ("templates", "scct_head_ct_template_2mm.nrrd")
 
 # Middle of the slice stack in the head frame (LPS mm). With the default 40 x 4 mm slices the stack spans
-# z = -62 .. +98 mm: below the foramen magnum (template z ~ -50) to above the scalp at the vertex (~ +98);
+# z = -60 .. +100 mm: below the foramen magnum (template z ~ -50) to the template's scalp at the vertex
+# (~ +100; the MNI-sized template is larger than most heads, which land lower after rigid alignment);
 # y = 18 mm centres the template head's antero-posterior extent (nose tip -88, occiput +124).
-HEAD_FRAME_CENTER_MM = (0.0, 18.0, 18.0)
+HEAD_FRAME_CENTER_MM = (0.0, 18.0, 20.0)
 
 AIR_HU = -1024.0
 MAX_HU = 3071.0
 HEAD_THRESHOLD_HU = -300.0  # skin and fat are above, air below
 COARSE_SPACING_MM = 4.0
 REGISTRATION_CLIP_HU = (-1024.0, 1200.0)
+PITCH_GRID_DEG = (-30.0, -20.0, -10.0, 0.0, 10.0, 20.0, 30.0)
+Z_SHIFT_GRID_MM = (-20.0, 0.0, 20.0)
 
 MIN_DICE = 0.80  # head masks after a good rigid alignment overlap at 0.85-0.95
-MIN_TEMPLATE_COVERAGE = 0.25  # fraction of the template head inside the scan needed to judge the fit
-MAX_ROTATION_DEG = 45.0
+MIN_TEMPLATE_COVERAGE = 0.5  # fraction of the template head inside the scan; less (a skull cap) fits any way
+MAX_ROTATION_DEG = 35.0  # heads in a CT gantry are rarely tilted more than ~25 deg
+HEAD_SCALE_RANGE = (0.75, 1.25)  # head size relative to the (MNI-sized) template
 MAX_CENTER_SHIFT_MM = 60.0  # registration may move the head centre this far from the centroid start
 MIN_HEAD_VOLUME_ML = 200.0  # below this the input holds no head we can centre on
 
@@ -130,6 +135,13 @@ def image_center_mm(image: sitk.Image) -> np.ndarray:
     return np.array(image.TransformContinuousIndexToPhysicalPoint(centre_index))
 
 
+def _axis_aligned(image: sitk.Image) -> sitk.Image:
+    """The image with its voxel axes permuted/flipped to the closest LPS order (no interpolation), so that
+    axial, sagittal and coronal storage of the same scan give the same coarse image and alignment."""
+    closest = np.round(np.array(image.GetDirection()).reshape(3, 3))
+    return image if np.array_equal(closest, np.eye(3)) else sitk.DICOMOrient(image, "LPS")
+
+
 @functools.lru_cache(maxsize=1)
 def _template_coarse() -> tuple[sitk.Image, sitk.Image, np.ndarray]:
     """(coarse template HU float32, its head mask, head-mask centroid LPS mm) in the head frame."""
@@ -144,25 +156,64 @@ def template_head_centroid_mm() -> np.ndarray:
     return _template_coarse()[2].copy()
 
 
-def _register(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image,
-              start: sitk.Euler3DTransform) -> tuple[sitk.Euler3DTransform, float]:
-    """Rigid Mattes-MI registration; returns (fixed->moving transform, final metric)."""
+def _correlation_method(fixed_mask: sitk.Image) -> sitk.ImageRegistrationMethod:
     method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricAsCorrelation()  # normalised: template bone (~700 HU, averaged) vs real bone (~1500 HU)
     method.SetMetricFixedMask(fixed_mask)
-    method.SetMetricSamplingStrategy(method.NONE)
     method.SetInterpolator(sitk.sitkLinear)
+    return method
+
+
+def _descend(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image,
+             transform: sitk.Similarity3DTransform, learning_rate: float, relaxation: float, iterations: int,
+             min_step: float) -> float:
     method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=4.0, minStep=0.05, numberOfIterations=80, relaxationFactor=0.6,
-        gradientMagnitudeTolerance=1e-6)
+        learningRate=learning_rate, minStep=min_step, numberOfIterations=iterations,
+        relaxationFactor=relaxation, gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([2, 1])
-    method.SetSmoothingSigmasPerLevel([1.0, 0.0])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    transform = sitk.Euler3DTransform(start)
     method.SetInitialTransform(transform, inPlace=True)
     method.Execute(fixed, moving)
-    return transform, float(method.GetMetricValue())
+    return float(method.GetMetricValue())
+
+
+def _shrink_to(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    return sitk.BinShrink(image, [max(1, min(int(round(spacing_mm / s)), n))
+                                  for s, n in zip(image.GetSpacing(), image.GetSize())])
+
+
+def _register(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image,
+              start: sitk.Similarity3DTransform) -> tuple[sitk.Similarity3DTransform, float]:
+    """Rigid registration of clipped-HU images at 4 mm (fixed = the scan, moving = the template); returns
+    (fixed -> moving transform, final normalised correlation metric, -1 is perfect).
+
+    1. Grid search at 8 mm over head pitch (chin up/down, the rotation the head outline constrains least)
+       and superior-inferior shift (partial scans bias the centroid start), by correlation.
+    2. Gradient descent at 8 mm from the best grid point, then refinement at 4 mm (30% of the fixed
+       voxels, fixed seed: deterministic)."""
+    fixed_8, mask_8, moving_8 = _shrink_to(fixed, 8.0), _shrink_to(fixed_mask, 8.0), _shrink_to(moving, 8.0)
+    coarse = _correlation_method(mask_8)
+    best_value, transform = math.inf, None
+    for pitch_deg in PITCH_GRID_DEG:
+        for z_shift_mm in Z_SHIFT_GRID_MM:
+            candidate = sitk.Similarity3DTransform(start)
+            candidate.SetRotation((1.0, 0.0, 0.0), math.radians(pitch_deg))
+            candidate.SetTranslation([a + b for a, b in zip(start.GetTranslation(), (0.0, 0.0, z_shift_mm))])
+            coarse.SetInitialTransform(candidate)
+            try:
+                value = coarse.MetricEvaluate(fixed_8, moving_8)
+            except RuntimeError:  # this start leaves too little of the template inside the input
+                continue
+            if value < best_value:
+                best_value, transform = value, candidate
+    if transform is None:
+        raise RuntimeError("no start position puts the template inside the input image")
+    _descend(coarse, fixed_8, moving_8, transform, learning_rate=4.0, relaxation=0.8, iterations=200, min_step=0.2)
+    fine = _correlation_method(fixed_mask)
+    fine.SetMetricSamplingStrategy(fine.RANDOM)
+    fine.SetMetricSamplingPercentage(0.3, 1)
+    metric = _descend(fine, fixed, moving, transform, learning_rate=2.0, relaxation=0.7, iterations=120,
+                      min_step=0.05)
+    return transform, metric
 
 
 def _clip(hu: sitk.Image) -> sitk.Image:
@@ -206,36 +257,35 @@ def _template_alignment(moving: sitk.Image, moving_mask: sitk.Image,
                         moving_centroid: np.ndarray) -> tuple[np.ndarray, dict, str | None]:
     """Try template registration; return (matrix, info, reason it was rejected or None)."""
     template, template_mask, template_centroid = _template_coarse()
-    fixed_mask = sitk.BinaryDilate(template_mask, [2, 2, 2])
-    fixed, moving_clipped = _clip(template), _clip(moving)
-    best = None
-    # Partial scans (skull base or vertex missing) bias the input centroid along z: retry from shifted
-    # starts when the first fit is poor and keep the best-fitting one.
-    for z_shift_mm in (0.0, -25.0, 25.0):
-        start = sitk.Euler3DTransform()
-        start.SetCenter([float(v) for v in template_centroid])
-        start.SetTranslation([float(v) for v in moving_centroid - template_centroid + [0, 0, z_shift_mm]])
-        try:
-            transform, metric = _register(fixed, fixed_mask, moving_clipped, start)
-        except RuntimeError as error:  # ITK: too few samples inside the moving image, etc.
-            best = best or (None, {"error": str(error).strip().splitlines()[-1][:200]})
-            continue
-        quality = _fit_quality(transform, template_mask, moving_mask)
-        quality["mattes_mi"] = round(metric, 5)
-        quality["start_z_shift_mm"] = z_shift_mm
-        if best is None or best[0] is None or quality["head_dice"] > best[1]["head_dice"]:
-            best = (transform, quality)
-        if quality["head_dice"] >= MIN_DICE and quality["template_head_coverage"] >= MIN_TEMPLATE_COVERAGE:
-            break
-    transform, quality = best
-    if transform is None:
-        return np.eye(4), quality, f"registration failed ({quality['error']})"
-    matrix = _transform_to_matrix(transform)
+    # The scan is the fixed image: every scanned head voxel must find its match in the (complete) template,
+    # so a partial scan cannot improve its score by sliding anatomy out of the overlap.
+    fixed, fixed_mask = _clip(moving), sitk.BinaryDilate(moving_mask, [2, 2, 2])
+    start = sitk.Similarity3DTransform()
+    start.SetCenter([float(v) for v in moving_centroid])
+    start.SetTranslation([float(v) for v in template_centroid - moving_centroid])
+    try:
+        patient_to_template, metric = _register(fixed, fixed_mask, _clip(template), start)
+    except RuntimeError as error:  # ITK: too few samples inside the template, etc.
+        detail = str(error).strip().splitlines()[-1][:200]
+        return np.eye(4), {"error": detail}, f"registration failed ({detail})"
+    # Registration allows an isotropic scale (heads are smaller than the MNI-sized template; without it the
+    # rotation optimum is flat). The head frame keeps only the rotation, anchored at the stack centre.
+    scale = patient_to_template.GetScale()
+    similarity = np.array(patient_to_template.GetMatrix()).reshape(3, 3)
+    head_to_patient_rotation = (similarity / scale).T
+    stack_centre = patient_to_template.GetInverse().TransformPoint(HEAD_FRAME_CENTER_MM)
+    matrix = rigid_matrix(head_to_patient_rotation,
+                          np.array(stack_centre) - head_to_patient_rotation @ np.array(HEAD_FRAME_CENTER_MM))
+    head_to_patient = sitk.Euler3DTransform()
+    head_to_patient.SetMatrix(matrix[:3, :3].ravel().tolist())
+    head_to_patient.SetTranslation(matrix[:3, 3].tolist())
+    quality = _fit_quality(head_to_patient, template_mask, moving_mask)
+    quality["correlation"] = round(-metric, 4)
+    quality["head_scale_vs_template"] = round(1.0 / scale, 4)
     angle = rotation_angle_deg(matrix[:3, :3])
     shift = float(np.linalg.norm(matrix[:3, :3] @ template_centroid + matrix[:3, 3] - moving_centroid))
     quality.update(rotation_deg=round(angle, 3), center_shift_mm=round(shift, 2),
-                   euler_angles_deg=[round(math.degrees(a), 3) for a in
-                                     (transform.GetAngleX(), transform.GetAngleY(), transform.GetAngleZ())])
+                   )
     reason = None
     if quality["template_head_coverage"] < MIN_TEMPLATE_COVERAGE:
         reason = f"scan covers only {quality['template_head_coverage']:.0%} of the template head"
@@ -243,6 +293,8 @@ def _template_alignment(moving: sitk.Image, moving_mask: sitk.Image,
         reason = f"head masks overlap poorly after registration (Dice {quality['head_dice']:.2f} < {MIN_DICE})"
     elif angle > MAX_ROTATION_DEG:
         reason = f"implausible head rotation {angle:.0f} deg (> {MAX_ROTATION_DEG:.0f})"
+    elif not HEAD_SCALE_RANGE[0] <= quality["head_scale_vs_template"] <= HEAD_SCALE_RANGE[1]:
+        reason = f"implausible head size ({quality['head_scale_vs_template']:.2f} x the template)"
     elif shift > MAX_CENTER_SHIFT_MM:
         reason = f"implausible shift {shift:.0f} mm from the head centroid (> {MAX_CENTER_SHIFT_MM:.0f})"
     return matrix, quality, reason
@@ -263,7 +315,7 @@ def align_to_head_frame(hu: sitk.Image, method: str = "template") -> Alignment:
     if method == "none":
         return Alignment(_none_alignment(hu), info, warnings)
 
-    moving = coarse_image(clamp_hu(hu))
+    moving = coarse_image(clamp_hu(_axis_aligned(hu)))
     moving_mask = head_mask(moving)
     centroid, volume_ml = mask_centroid_mm(moving_mask)
     info["head_volume_ml"] = round(volume_ml, 1)

@@ -10,9 +10,9 @@ scaled to 0..1. Array layout follows the numpy view of an LPS identity-direction
 inferior -> superior, row (j) anterior -> posterior, column (i) patient right -> left (radiological
 display: anterior at the top, patient's left on the viewer's right).
 
-Resampling is anti-aliased: along each input axis the data are box-averaged (``BinShrink``) and then
-Gaussian-smoothed so that the total blur is sigma = (output spacing - input spacing) / 2 mm, the usual
-anti-aliasing rule for downsampling by a factor (sigma = (factor - 1) / 2 input voxels), before linear
+Resampling is anti-aliased: along each input axis downsampled by 3 or more, a Gaussian with
+sigma = (output spacing - input spacing) / 2 mm (the usual rule sigma = (factor - 1) / 2 input voxels)
+is applied before any decimation; a factor 2-3 is box-averaged (see ``anti_alias``); then linear
 interpolation. Outside the scanned volume is air (-1024 HU).
 """
 
@@ -27,7 +27,7 @@ import SimpleITK as sitk
 
 from .alignment import AIR_HU, HEAD_FRAME_CENTER_MM, HEAD_THRESHOLD_HU, align_to_head_frame, clamp_hu
 
-MIN_VALID_SLICE_FRACTION = 0.5  # a slice counts as scanned when at least half of its pixels were scanned
+MIN_VALID_SLICE_FRACTION = 0.5  # a slice counts as scanned when half of its central disc was scanned
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ class SliceStack:
 
     pixels: float32 (S, C, H, W), 0..1; channel c = window c; slice inferior -> superior, row anterior ->
         posterior, column patient right -> left.
-    slice_valid: bool (S,): the slice lies (mostly) inside the scanned volume; invalid slices are air.
+    slice_valid: bool (S,): the slice lies (mostly) inside the scanned volume (at least half of its central
+        disc, diameter fov / 2, inside the input grid); invalid slices are air.
     head_mask: bool (S, H, W): head (skin and inside), False on invalid slices.
     slice_positions_mm: float64 (S, 3): slice centres in the ORIGINAL image's patient LPS mm.
     origin_mm, spacing_mm: float64 (3,) head-frame grid, x y z order: LPS mm of pixel (0, 0, 0) and the
@@ -162,23 +163,29 @@ def _stack_grid(config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, tuple
 
 
 def anti_alias(hu: sitk.Image, output_spacing_along_axes: np.ndarray) -> sitk.Image:
-    """Low-pass ``hu`` (float32 HU) before sampling at ``output_spacing_along_axes`` (mm, one per input
-    axis, x y z): box-average by integer factors, then a Gaussian so the total blur along an axis has
-    sigma = (output - input spacing) / 2 mm. Axes that are not downsampled are left untouched."""
+    """Low-pass ``hu`` (float32 HU) before it is sampled at ``output_spacing_along_axes`` (mm, one per input
+    axis, x y z order), returning a smaller image on a grid at most half the output spacing.
+
+    Per input axis, with ratio = output / input spacing:
+    - ratio >= 3 (e.g. 0.5 -> 4 mm slices): recursive Gaussian with sigma = (output - input spacing) / 2 mm
+      at full resolution, then box-shrink by floor(ratio / 2) (the data are band-limited by then);
+    - 2 <= ratio < 3 (e.g. 0.45 -> 1 mm pixels): box-average by 2 (sigma of the box ~ the rule above);
+    - ratio < 2: untouched (linear interpolation suffices).
+    """
     spacing_in = np.array(hu.GetSpacing())
-    target_sigma = np.maximum(output_spacing_along_axes - spacing_in, 0.0) / 2.0
-    factors = [int(max(1, min(math.floor(o / s), n)))
-               for o, s, n in zip(output_spacing_along_axes, spacing_in, hu.GetSize())]
-    if max(factors) > 1:
-        hu = sitk.BinShrink(hu, factors)
-    box_variance = (np.array(factors) ** 2 - 1) / 12.0 * spacing_in ** 2
-    residual_variance = np.maximum(target_sigma ** 2 - box_variance, 0.0)
-    new_spacing = np.array(hu.GetSpacing())
-    # Gaussian only where it matters (sigma above a fifth of a voxel) and per axis.
-    residual_variance[np.sqrt(residual_variance) < 0.2 * new_spacing] = 0.0
-    if residual_variance.max() > 0:
-        hu = sitk.DiscreteGaussian(hu, variance=[float(v) for v in residual_variance],
-                                   maximumKernelWidth=64, maximumError=0.01, useImageSpacing=True)
+    ratio = np.asarray(output_spacing_along_axes, float) / spacing_in
+    size = np.array(hu.GetSize())
+    box_factors = np.where((ratio >= 2) & (ratio < 3), 2, 1)
+    gauss_axes = np.flatnonzero((ratio >= 3) & (size > 1))
+    if box_factors.max() > 1:
+        hu = sitk.BinShrink(hu, np.minimum(box_factors, size).tolist())
+    for axis in gauss_axes:
+        sigma_mm = float(output_spacing_along_axes[axis] - spacing_in[axis]) / 2.0
+        hu = sitk.RecursiveGaussian(hu, sigma=sigma_mm, normalizeAcrossScale=False, direction=int(axis))
+    after_gauss = np.ones(3, int)
+    after_gauss[gauss_axes] = np.floor(ratio[gauss_axes] / 2.0).astype(int)
+    if after_gauss.max() > 1:
+        hu = sitk.BinShrink(hu, np.minimum(after_gauss, hu.GetSize()).tolist())
     return hu
 
 
@@ -191,16 +198,19 @@ def _output_spacing_along_input_axes(hu: sitk.Image, frame_to_patient_rotation: 
     return np.sqrt(((input_axes_frame * stack_spacing_mm[:, None]) ** 2).sum(axis=0))
 
 
-def _slice_scanned_fraction(stack: SliceStack, image: sitk.Image, step: int = 8) -> np.ndarray:
-    """(S,) fraction of each slice's pixels (sampled every ``step`` pixels) inside the input voxel grid."""
+def _slice_scanned_fraction(stack: SliceStack, image: sitk.Image, step: int = 4) -> np.ndarray:
+    """(S,) fraction of each slice's central disc (diameter half the field of view, where the brain lies;
+    sampled every ``step`` pixels) that falls inside the input voxel grid."""
     s, _, h, w = stack.pixels.shape
-    k, j, i = np.meshgrid(np.arange(s), np.arange(0, h, step), np.arange(0, w, step), indexing="ij")
-    lps = stack.stack_index_to_patient(np.stack([k, j, i], axis=-1).astype(np.float64))
+    rows, cols = np.meshgrid(np.arange(0, h, step), np.arange(0, w, step), indexing="ij")
+    central = np.hypot(rows - (h - 1) / 2, cols - (w - 1) / 2) <= min(h, w) / 4
+    rows, cols = rows[central], cols[central]
+    kji = np.stack(np.broadcast_arrays(np.arange(s)[:, None], rows[None], cols[None]), axis=-1)
+    lps = stack.stack_index_to_patient(kji.astype(np.float64))
     direction = np.array(image.GetDirection()).reshape(3, 3)
     index = (lps - np.array(image.GetOrigin())) @ direction / np.array(image.GetSpacing())  # D^T(p-o)/s
     size = np.array(image.GetSize())
-    inside = np.all((index >= -0.5) & (index <= size - 0.5), axis=-1)
-    return inside.reshape(s, -1).mean(axis=1)
+    return np.all((index >= -0.5) & (index <= size - 0.5), axis=-1).mean(axis=1)
 
 
 def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
