@@ -157,6 +157,12 @@ def _vit(hidden: int, layers: int, heads: int, intermediate: int) -> dict[str, A
     }
 
 
+def _dinov2(hidden: int, layers: int, heads: int, mlp_ratio: int = 4, **extra: Any) -> dict[str, Any]:
+    """Dinov2Config sizes its MLP by mlp_ratio, not intermediate_size; patch 14 throughout."""
+    return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "mlp_ratio": mlp_ratio, "patch_size": 14, **extra}
+
+
 _TINY = {"tiny": _vit(64, 2, 4, 128), "tiny-32": _vit(32, 2, 2, 64)}
 
 FAMILIES: dict[str, _Family] = {
@@ -191,11 +197,11 @@ FAMILIES: dict[str, _Family] = {
         r"encoder\.layer\.\d+\.attention\.(?:(?:q|k|v|o)_proj|attention\.(?:query|key|value)|output\.dense)",
         r"encoder\.layer\.\d+\.mlp\.(?:fc1|fc2|weights_in|weights_out)",
         {
-            "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "mlp_ratio": 2, "patch_size": 14},
-            "tiny-32": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 2, "patch_size": 14},
-            "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4, "patch_size": 14, "image_size": 518},
-            "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "mlp_ratio": 4, "patch_size": 14, "image_size": 518},
-            "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4, "patch_size": 14, "image_size": 518},
+            "tiny": _dinov2(64, 2, 4, mlp_ratio=2),
+            "tiny-32": _dinov2(32, 2, 2, mlp_ratio=2),
+            "small": _dinov2(384, 12, 6, image_size=518),
+            "base": _dinov2(768, 12, 12, image_size=518),
+            "large": _dinov2(1024, 24, 16, image_size=518),
         },
         {},
     ),

@@ -136,6 +136,14 @@ class HeadCTClassifier(nn.Module):
         *,
         chunk_size: int | None = None,
     ) -> ClassifierOutput:
+        """Classify B volumes of S slices.
+
+        pixels: (B, S, 3, H, W) float in 0..1 (three HU windows as channels, slices inferior -> superior).
+        slice_mask: (B, S) bool, True for slices inside the scanned volume (None: all). Masked slices are
+            never fed to the backbone, get zero attention and cannot change any output.
+        chunk_size: at most this many slices per backbone call (bounds memory; same results up to float
+            rounding). For 3-D backbones it is converted to whole volumes per call (at least one).
+        """
         slice_mask = _checked_mask(pixels, slice_mask)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of slices, got {chunk_size}.")
