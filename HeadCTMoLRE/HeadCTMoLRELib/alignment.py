@@ -6,9 +6,11 @@ z = superior, mm; the mid-sagittal plane is x = 0). Alignment finds ``head_to_pa
 matrix taking a head-frame LPS point (mm) to the input image's patient LPS point (mm).
 
 Methods:
-- ``"template"``: Euler3D rigid registration (normalised correlation on clipped HU; a pitch and z-shift
-  grid search, then gradient descent at 8 mm and 4 mm) of the template (fixed) to the input (moving),
-  started from the head-mask centroids; accepted when the
+- ``"template"``: registration of the input (fixed) to the template (moving) by a similarity transform
+  (rotation, translation and one isotropic scale, since heads differ in size from the MNI-sized template;
+  normalised correlation of clipped HU; a pitch x z-shift grid search, then gradient descent at 8 mm
+  and 4 mm), started from the head-mask centroids. The head frame keeps only its rotation, anchored at
+  the stack centre (so ``head_to_patient`` is rigid and the stack keeps true mm). Accepted when the
   head masks agree (Dice over the scanned part of the template) and the motion is plausible, otherwise it
   falls back to ``"center"`` with a warning.
 - ``"center"``: patient axes; the input's head-mask centroid goes to the template's head-mask centroid.
@@ -31,10 +33,11 @@ from .resources import resource_path
 TEMPLATE_FILE = ("templates", "scct_head_ct_template_2mm.nrrd")
 
 # Middle of the slice stack in the head frame (LPS mm). With the default 40 x 4 mm slices the stack spans
-# z = -60 .. +100 mm: below the foramen magnum (template z ~ -50) to the template's scalp at the vertex
-# (~ +100; the MNI-sized template is larger than most heads, which land lower after rigid alignment);
-# y = 18 mm centres the template head's antero-posterior extent (nose tip -88, occiput +124).
-HEAD_FRAME_CENTER_MM = (0.0, 18.0, 20.0)
+# z = -58 .. +102 mm: below the foramen magnum (template z ~ -50) to just above the template's scalp at the
+# vertex (~ +100). Registration scales the template to the head (rigid frame, anchored at this point), so
+# smaller and larger heads fill the same range. y = 18 mm centres the template head's antero-posterior
+# extent (nose tip -88, occiput +124).
+HEAD_FRAME_CENTER_MM = (0.0, 18.0, 22.0)
 
 AIR_HU = -1024.0
 MAX_HU = 3071.0
@@ -183,7 +186,7 @@ def _shrink_to(image: sitk.Image, spacing_mm: float) -> sitk.Image:
 
 def _register(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image,
               start: sitk.Similarity3DTransform) -> tuple[sitk.Similarity3DTransform, float]:
-    """Rigid registration of clipped-HU images at 4 mm (fixed = the scan, moving = the template); returns
+    """Similarity registration of clipped-HU images at 4 mm (fixed = the scan, moving = the template); returns
     (fixed -> moving transform, final normalised correlation metric, -1 is perfect).
 
     1. Grid search at 8 mm over head pitch (chin up/down, the rotation the head outline constrains least)
@@ -221,12 +224,12 @@ def _clip(hu: sitk.Image) -> sitk.Image:
     return sitk.Clamp(hu, sitk.sitkFloat32, low, high)
 
 
-def _fit_quality(transform: sitk.Transform, template_mask: sitk.Image, moving_mask: sitk.Image) -> dict:
+def _fit_quality(transform: sitk.Transform, template_mask: sitk.Image, scan_mask: sitk.Image) -> dict:
     """Dice of template head mask and the warped input head mask, counted only where the template maps
     inside the scanned input (partial scans are not penalised for what was not scanned)."""
-    warped = sitk.Resample(moving_mask, template_mask, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    inside_image = sitk.Image(moving_mask.GetSize(), sitk.sitkUInt8) + 1
-    inside_image.CopyInformation(moving_mask)
+    warped = sitk.Resample(scan_mask, template_mask, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    inside_image = sitk.Image(scan_mask.GetSize(), sitk.sitkUInt8) + 1
+    inside_image.CopyInformation(scan_mask)
     inside = sitk.GetArrayViewFromImage(
         sitk.Resample(inside_image, template_mask, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
     template_head = sitk.GetArrayViewFromImage(template_mask) > 0
@@ -245,24 +248,24 @@ def _transform_to_matrix(transform: sitk.Euler3DTransform) -> np.ndarray:
     return rigid_matrix(rotation, centre + translation - rotation @ centre)
 
 
-def _center_alignment(moving_centroid: np.ndarray) -> np.ndarray:
-    return rigid_matrix(np.eye(3), moving_centroid - template_head_centroid_mm())
+def _center_alignment(head_centroid_mm: np.ndarray) -> np.ndarray:
+    return rigid_matrix(np.eye(3), head_centroid_mm - template_head_centroid_mm())
 
 
 def _none_alignment(hu: sitk.Image) -> np.ndarray:
     return rigid_matrix(np.eye(3), image_center_mm(hu) - np.array(HEAD_FRAME_CENTER_MM))
 
 
-def _template_alignment(moving: sitk.Image, moving_mask: sitk.Image,
-                        moving_centroid: np.ndarray) -> tuple[np.ndarray, dict, str | None]:
+def _template_alignment(scan: sitk.Image, scan_mask: sitk.Image,
+                        scan_centroid: np.ndarray) -> tuple[np.ndarray, dict, str | None]:
     """Try template registration; return (matrix, info, reason it was rejected or None)."""
     template, template_mask, template_centroid = _template_coarse()
     # The scan is the fixed image: every scanned head voxel must find its match in the (complete) template,
     # so a partial scan cannot improve its score by sliding anatomy out of the overlap.
-    fixed, fixed_mask = _clip(moving), sitk.BinaryDilate(moving_mask, [2, 2, 2])
+    fixed, fixed_mask = _clip(scan), sitk.BinaryDilate(scan_mask, [2, 2, 2])
     start = sitk.Similarity3DTransform()
-    start.SetCenter([float(v) for v in moving_centroid])
-    start.SetTranslation([float(v) for v in template_centroid - moving_centroid])
+    start.SetCenter([float(v) for v in scan_centroid])
+    start.SetTranslation([float(v) for v in template_centroid - scan_centroid])
     try:
         patient_to_template, metric = _register(fixed, fixed_mask, _clip(template), start)
     except RuntimeError as error:  # ITK: too few samples inside the template, etc.
@@ -279,13 +282,12 @@ def _template_alignment(moving: sitk.Image, moving_mask: sitk.Image,
     head_to_patient = sitk.Euler3DTransform()
     head_to_patient.SetMatrix(matrix[:3, :3].ravel().tolist())
     head_to_patient.SetTranslation(matrix[:3, 3].tolist())
-    quality = _fit_quality(head_to_patient, template_mask, moving_mask)
+    quality = _fit_quality(head_to_patient, template_mask, scan_mask)
     quality["correlation"] = round(-metric, 4)
     quality["head_scale_vs_template"] = round(1.0 / scale, 4)
     angle = rotation_angle_deg(matrix[:3, :3])
-    shift = float(np.linalg.norm(matrix[:3, :3] @ template_centroid + matrix[:3, 3] - moving_centroid))
-    quality.update(rotation_deg=round(angle, 3), center_shift_mm=round(shift, 2),
-                   )
+    shift = float(np.linalg.norm(matrix[:3, :3] @ template_centroid + matrix[:3, 3] - scan_centroid))
+    quality.update(rotation_deg=round(angle, 3), center_shift_mm=round(shift, 2))
     reason = None
     if quality["template_head_coverage"] < MIN_TEMPLATE_COVERAGE:
         reason = f"scan covers only {quality['template_head_coverage']:.0%} of the template head"
@@ -315,9 +317,9 @@ def align_to_head_frame(hu: sitk.Image, method: str = "template") -> Alignment:
     if method == "none":
         return Alignment(_none_alignment(hu), info, warnings)
 
-    moving = coarse_image(clamp_hu(_axis_aligned(hu)))
-    moving_mask = head_mask(moving)
-    centroid, volume_ml = mask_centroid_mm(moving_mask)
+    scan = coarse_image(clamp_hu(_axis_aligned(hu)))
+    scan_mask = head_mask(scan)
+    centroid, volume_ml = mask_centroid_mm(scan_mask)
     info["head_volume_ml"] = round(volume_ml, 1)
     if volume_ml < MIN_HEAD_VOLUME_ML:
         info.update(method="none", fell_back=True)
@@ -327,7 +329,7 @@ def align_to_head_frame(hu: sitk.Image, method: str = "template") -> Alignment:
         return Alignment(_none_alignment(hu), info, warnings)
 
     if method == "template":
-        matrix, quality, reason = _template_alignment(moving, moving_mask, centroid)
+        matrix, quality, reason = _template_alignment(scan, scan_mask, centroid)
         info["quality"] = quality
         if reason is None:
             info["rotation_matrix"] = matrix[:3, :3].round(6).tolist()
