@@ -90,6 +90,17 @@ def test_windows_are_exact_on_known_hu():
                                atol=1e-7)
 
 
+def test_config_sets_stack_shape_spacing_and_slice_distance(ge_head):
+    config = PreprocessConfig(image_size=64, in_plane_fov_mm=256.0, num_slices=20, slice_spacing_mm=8.0,
+                              windows_hu=((0, 80), (-800, 2000)), alignment="center")
+    stack = preprocess(ge_head, config)
+    assert stack.pixels.shape == (20, 2, 64, 64) and stack.pixels.dtype == np.float32
+    assert stack.head_mask.shape == (20, 64, 64) and stack.slice_valid.shape == (20,)
+    np.testing.assert_allclose(stack.spacing_mm, [4.0, 4.0, 8.0])
+    np.testing.assert_allclose(np.linalg.norm(np.diff(stack.slice_positions_mm, axis=0), axis=1), 8.0)
+    assert stack.alignment["method"] == "center" and stack.config == config
+
+
 # --- geometry: stack <-> patient space ---------------------------------------------------------------------
 
 
