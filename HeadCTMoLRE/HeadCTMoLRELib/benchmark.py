@@ -78,6 +78,18 @@ def _peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _profile_table(fn: Callable[[], object], device, rows: int = 18) -> str:
+    """The GPU kernels that take the most time in ``fn`` (a torch.profiler table)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            fn()
+        _sync(device)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+
+
 class _GraphedForward:
     """One CUDA graph of the classifier for a fixed input shape: replays with no launch overhead."""
 
@@ -114,6 +126,7 @@ def benchmark_size(
     image_size: int = 224,
     repeats: int = 5,
     compile_model: bool = False,
+    profile: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     import torch
@@ -159,6 +172,16 @@ def benchmark_size(
         log(f"[{size}] CUDA graph forward")
         graphed = _GraphedForward(classifier, pixels, slice_mask, torch_device, chosen)
         forward_s["graph"] = _median_time(graphed, torch_device, repeats * 4, warmup=3)
+        del graphed
+        if chosen in ("bf16", "fp16"):
+            # weights stored in the autocast dtype: no per-call weight casts, half the weight traffic
+            inference.cast_encoder_for_inference(classifier, chosen)
+            log(f"[{size}] {chosen} weights + CUDA graph forward")
+            graphed = _GraphedForward(classifier, pixels, slice_mask, torch_device, chosen)
+            forward_s[f"graph_{chosen}_weights"] = _median_time(graphed, torch_device, repeats * 4, warmup=3)
+            if profile:
+                result["profile"] = _profile_table(graphed, torch_device)
+            del graphed
     if compile_model:
         log(f"[{size}] torch.compile forward (compiling...)")
         compiled = torch.compile(classifier, mode="reduce-overhead" if torch_device.type == "cuda" else "default")
@@ -258,6 +281,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of the best CUDA mode")
     parser.add_argument("--json", help="also write the full report as JSON to this file")
 
 
@@ -269,8 +293,12 @@ def run_from_args(args) -> int:
         [s.strip() for s in args.sizes.split(",") if s.strip()],
         family=args.family, device=args.device, precision=args.precision, source=source,
         num_slices=args.slices, image_size=args.image_size, repeats=args.repeats, compile_model=args.compile,
+        profile=args.profile,
     )
     print(format_report(report))
+    for entry in report["results"]:
+        if entry.get("profile"):
+            print(f"\nTop GPU kernels, {entry['family']} {entry['size']}:\n{entry['profile']}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 0

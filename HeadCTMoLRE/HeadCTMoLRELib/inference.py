@@ -175,6 +175,17 @@ def merge_lora_for_inference(classifier) -> int:
     return merged
 
 
+def cast_encoder_for_inference(classifier, precision: str) -> None:
+    """Store the backbone's (merged) weights in the autocast dtype, so that each forward skips the
+    weight casts; pooling and the head stay float32 (the model runs them outside autocast)."""
+    import torch
+
+    if precision in ("bf16", "fp16"):
+        classifier.encoder.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+        if getattr(classifier, "molre", None) is not None:
+            classifier.molre.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def clear_model_cache() -> None:
     _MODEL_CACHE.clear()
 
@@ -384,7 +395,7 @@ def predict(
     timings["forward"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
-    logits = result["logits"] / max(the_bundle.temperature, 1e-6)
+    logits = result["logits"].astype(np.float64) / max(the_bundle.temperature, 1e-6)
     probabilities = 1.0 / (1.0 + np.exp(-logits))
     router = result["router_weights"]
     slice_valid = np.asarray(stack.slice_valid, dtype=bool)

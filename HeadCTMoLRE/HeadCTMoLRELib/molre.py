@@ -121,7 +121,8 @@ class MoLRE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[-1] != self.dim:
             raise ValueError(f"MoLRE expects features of size {self.dim} in the last axis, got {tuple(x.shape)}.")
-        router_weights = torch.softmax(self.router(x), dim=-1)
+        # routing in float32 even under autocast: bf16 softmax gates do not sum to 1 (error ~1e-3)
+        router_weights = torch.softmax(self.router(x).float(), dim=-1)
         base = x if self.base_projection is None else F.linear(x, self.base_projection.to(x.dtype))
         expert_outputs = torch.stack([expert(x) for expert in self.experts], dim=-2)  # (..., K, d)
         mixed = (router_weights.unsqueeze(-1).to(expert_outputs.dtype) * expert_outputs).sum(dim=-2)
