@@ -1,0 +1,476 @@
+"""Evaluation reports: PNG plots, TSV / Markdown tables and the model card of a bundle.
+
+Plots are drawn on explicit ``matplotlib.figure.Figure`` objects with the Agg canvas, never through
+pyplot's global state, so that nothing leaks between plots and nothing opens a window (safe inside
+Slicer and on headless servers). Per-finding arrays are (C,) in catalog order.
+
+The tables and the model card read the evaluation dict that :func:`evaluate.evaluate` writes as
+``evaluation.json`` (keys ``mean_auc``, ``std_auc``, ``n_findings_evaluated``, ``strata``,
+``per_finding``, ``calibration``, ``thresholds``, ``failures``, ...); missing keys are tolerated.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .findings import CATEGORIES
+from .metrics import STRATA, STRATUM_LABELS, ReliabilityBins
+
+#: One colour per finding category (colour-blind-safe Okabe-Ito palette), in CATEGORIES order.
+CATEGORY_COLOURS: dict[str, str] = dict(zip(CATEGORIES, ("#D55E00", "#0072B2", "#E69F00", "#CC79A7", "#009E73",
+                                                        "#56B4E9")))
+MODEL_COLOURS = ("#1F3A93", "#C0392B")  # first / second model in plots
+PAPER_CITATION = (
+    "Y. Yoo, H. Liu, B. Georgescu, Y. Zhang, S. Grbic, M. Baumgartner, T. J. Re, J. Das, P. Ullaskrishnan, "
+    "E. Eibenberger, A. Chekkoury, U. K. Bodanapally, S. Nicolaou, P. C. Sanelli, T. J. Schroeppel, Y. W. Lui, "
+    "E. Gibson. Specializing Foundation Models via Mixture of Low-Rank Experts for Comprehensive Head CT "
+    "Analysis. arXiv:2603.00675, 2026."
+)
+PAPER_BIBTEX = """@misc{yoo2026molre,
+  title         = {Specializing Foundation Models via Mixture of Low-Rank Experts for Comprehensive Head CT Analysis},
+  author        = {Yoo, Youngjin and Liu, Han and Georgescu, Bogdan and others},
+  year          = {2026},
+  eprint        = {2603.00675},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.CV}
+}"""
+CODE_LICENSE = "Apache-2.0"
+
+
+# --------------------------------------------------------------------------------------------- plotting
+def _new_figure(width_in: float, height_in: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width_in, height_in), dpi=110)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", facecolor="white")
+    return path
+
+
+def _short(text: str, width: int = 30) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def radar_plot(path: str | Path, catalog, aucs_by_model: Mapping[str, Sequence[float]], *,
+               title: str = "Per-finding AUC") -> Path:
+    """A polar plot with one spoke per finding (catalog order, grouped by category) and one closed
+    line per model; ``aucs_by_model`` maps a model label to (C,) AUCs (NaN = not evaluable: shown as a
+    gap, its label greyed with "n/a"). Category sectors are tinted and labels coloured by category."""
+    names = [f.name for f in catalog.findings]
+    categories = [f.category for f in catalog.findings]
+    n = len(names)
+    angles = np.linspace(0.0, 2.0 * np.pi, n, endpoint=False)
+    all_values = np.concatenate([np.asarray(v, dtype=float) for v in aucs_by_model.values()]) if aucs_by_model else []
+    finite = np.asarray(all_values)[np.isfinite(all_values)] if len(all_values) else np.array([])
+    r_min = min(0.5, math.floor(finite.min() * 10) / 10) if finite.size else 0.5
+
+    figure = _new_figure(13.0, 14.5)
+    axes = figure.add_axes((0.17, 0.2, 0.66, 0.613), projection="polar")  # square on the 13 x 14.5 in page
+    axes.set_theta_offset(np.pi / 2)
+    axes.set_theta_direction(-1)
+    axes.set_ylim(r_min, 1.0)
+    width = 2.0 * np.pi / n
+    for angle, category in zip(angles, categories):  # category sectors
+        axes.bar(angle, 1.0 - r_min, width=width, bottom=r_min, color=CATEGORY_COLOURS.get(category, "#999999"),
+                 alpha=0.10, linewidth=0)
+    evaluable = np.zeros(n, dtype=bool)
+    for index, (label, values) in enumerate(aucs_by_model.items()):
+        values = np.asarray(values, dtype=float)
+        evaluable |= np.isfinite(values)
+        closed_angles, closed = np.append(angles, angles[0]), np.append(values, values[0])
+        colour = MODEL_COLOURS[index % len(MODEL_COLOURS)]
+        finite_count = int(np.isfinite(values).sum())
+        mean = np.nanmean(values) if finite_count else float("nan")
+        axes.plot(closed_angles, np.clip(closed, r_min, 1.0), color=colour, linewidth=1.6, marker="o", markersize=3,
+                  label=f"{label}: mean AUC {mean:.3f} over {finite_count} findings")
+    for reference in (0.8, 0.9):
+        if reference > r_min:
+            axes.plot(np.linspace(0, 2 * np.pi, 200), np.full(200, reference), color="#555555", linewidth=0.8,
+                      linestyle="--")
+    axes.set_xticks(angles)
+    axes.set_xticklabels([])
+    axes.set_rlabel_position(np.degrees(width) / 2)  # between the first two spokes, clear of their labels
+    axes.tick_params(axis="y", labelsize=8, colors="#444444")
+    axes.grid(color="#BBBBBB", linewidth=0.5)
+    for angle, name, category, ok in zip(angles, names, categories, evaluable):
+        degrees = np.degrees(angle)  # clockwise from the top
+        text = _short(name) + ("" if ok else " (n/a)")
+        rotation = 90.0 - degrees
+        align = "left"
+        if 180.0 < degrees < 360.0:
+            rotation += 180.0
+            align = "right"
+        axes.text(angle, 1.0 + (1.0 - r_min) * 0.03, text, rotation=rotation, rotation_mode="anchor",
+                  ha=align, va="center", fontsize=7.5,
+                  color=CATEGORY_COLOURS.get(category, "#333333") if ok else "#9A9A9A")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    category_handles = [Patch(color=CATEGORY_COLOURS[c], label=c) for c in CATEGORIES if c in categories]
+    model_handles, model_labels = axes.get_legend_handles_labels()
+    figure.legend(model_handles, model_labels, loc="lower left", bbox_to_anchor=(0.03, 0.015), fontsize=10,
+                  frameon=False)
+    figure.legend(handles=category_handles + [Line2D([], [], color="#555555", linestyle="--", label="AUC 0.80 / 0.90")],
+                  loc="lower right", bbox_to_anchor=(0.97, 0.015), fontsize=10, ncol=2, frameon=False,
+                  title="Category", title_fontsize=10)
+    figure.suptitle(title, fontsize=15, y=0.985)
+    return _save(figure, path)
+
+
+def strata_bar_chart(path: str | Path, strata_by_model: Mapping[str, Mapping[str, int]], *,
+                     title: str = "Findings per AUC stratum") -> Path:
+    """Grouped bars: for each AUC stratum of :data:`metrics.STRATA`, the number of findings of each model
+    (one or two models; ``strata_by_model`` maps a label to ``metrics.stratify`` counts)."""
+    keys = [key for key, _, _ in STRATA]
+    models = list(strata_by_model)
+    figure = _new_figure(7.5, 4.8)
+    axes = figure.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(models))
+    positions = np.arange(len(keys))
+    top = 1
+    for index, label in enumerate(models):
+        counts = [int(strata_by_model[label].get(key, 0)) for key in keys]
+        top = max(top, *counts)
+        offset = (index - (len(models) - 1) / 2) * width
+        bars = axes.bar(positions + offset, counts, width=width * 0.95, color=MODEL_COLOURS[index % 2], label=label)
+        axes.bar_label(bars, padding=2, fontsize=10)
+    axes.set_xticks(positions, [STRATUM_LABELS[key] for key in keys], fontsize=10)
+    axes.set_ylabel("number of findings", fontsize=10)
+    axes.set_ylim(0, top * 1.18 + 0.5)
+    axes.spines[["top", "right"]].set_visible(False)
+    axes.legend(fontsize=9, frameon=False)
+    axes.set_title(title, fontsize=12)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def reliability_diagram(path: str | Path, bins_by_label: Mapping[str, ReliabilityBins],
+                        ece_by_label: Mapping[str, float] | None = None, *,
+                        title: str = "Reliability (all findings pooled)") -> Path:
+    """Observed fraction positive against mean predicted probability per bin, one line per label (e.g.
+    before / after temperature scaling), with the diagonal of perfect calibration, and below it the
+    number of (case, finding) pairs per bin on a log scale."""
+    figure = _new_figure(6.5, 7.0)
+    grid = figure.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
+    curve = figure.add_subplot(grid[0])
+    counts = figure.add_subplot(grid[1], sharex=curve)
+    curve.plot([0, 1], [0, 1], color="#888888", linestyle="--", linewidth=1, label="perfect calibration")
+    labels = list(bins_by_label)
+    for index, label in enumerate(labels):
+        bins = bins_by_label[label]
+        filled = bins.count > 0
+        ece = (ece_by_label or {}).get(label)
+        text = label if ece is None or not np.isfinite(ece) else f"{label} (ECE {ece:.3f})"
+        colour = MODEL_COLOURS[index % 2]
+        curve.plot(bins.mean_predicted[filled], bins.fraction_positive[filled], marker="o", color=colour, label=text)
+        centres = 0.5 * (bins.edges[:-1] + bins.edges[1:])
+        bar_width = (bins.edges[1] - bins.edges[0]) / max(1, len(labels))
+        offset = (index - (len(labels) - 1) / 2) * bar_width
+        counts.bar(centres + offset, np.maximum(bins.count, 0), width=bar_width * 0.95, color=colour, alpha=0.8)
+    curve.set_xlim(0, 1)
+    curve.set_ylim(0, 1)
+    curve.set_ylabel("observed fraction positive", fontsize=10)
+    curve.legend(fontsize=9, loc="upper left", frameon=False)
+    curve.set_title(title, fontsize=12)
+    curve.tick_params(labelbottom=False)
+    curve.grid(color="#DDDDDD", linewidth=0.5)
+    if any(np.any(b.count > 0) for b in bins_by_label.values()):
+        from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+        counts.set_yscale("log")  # most pairs are confident negatives: a linear axis hides the other bins
+        counts.set_ylim(bottom=0.8)
+        counts.yaxis.set_major_locator(LogLocator(base=10))
+        counts.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+        counts.yaxis.set_minor_formatter(NullFormatter())
+    counts.set_xlabel("predicted probability", fontsize=10)
+    counts.set_ylabel("pairs per bin", fontsize=9)
+    figure.subplots_adjust(left=0.13, right=0.97, top=0.94, bottom=0.08)
+    return _save(figure, path)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+PER_FINDING_COLUMNS = ("id", "name", "category", "auc", "ci_low", "ci_high", "n_pos", "n_neg", "threshold",
+                       "sensitivity", "specificity")
+COMPARISON_COLUMNS = ("id", "name", "category", "auc_reference", "auc_candidate", "difference", "difference_ci_low",
+                      "difference_ci_high", "n_pos", "n_neg")
+
+
+def _sort_key(value) -> tuple:
+    return (value is None or (isinstance(value, float) and math.isnan(value)), -(value or 0.0))
+
+
+def sorted_rows(per_finding: Mapping[str, Mapping], key: str = "auc") -> list[dict]:
+    """Rows ``{"id": ..., **values}`` sorted by ``key`` descending, findings without a value last."""
+    rows = [{"id": fid, **values} for fid, values in per_finding.items()]
+    return sorted(rows, key=lambda row: _sort_key(row.get(key)))
+
+
+def _cell(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table_tsv(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
+    """Tab-separated table with a header row; empty cells for missing or NaN values; 4 decimals."""
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(_cell(row.get(c), 4).replace("\t", " ") for c in columns) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def table_markdown(rows: Sequence[Mapping], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
+    """GitHub Markdown table; "n/a" for missing values; 3 decimals."""
+    headers = list(headers or columns)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join((_cell(row.get(c)) or "n/a").replace("|", "/") for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_summary(evaluation: Mapping, *, top: int = 10) -> str:
+    """A short plain-text summary for the terminal: mean AUC, strata, calibration, best/worst findings."""
+    mean = evaluation.get("mean_auc")
+    lines = [
+        f"Cases evaluated: {evaluation.get('n_cases_evaluated', '?')} of {evaluation.get('n_cases', '?')}"
+        + (f" ({len(evaluation['failures'])} could not be read)" if evaluation.get("failures") else ""),
+        f"Mean AUC: {mean:.3f} +- {evaluation.get('std_auc') or 0.0:.3f} over "
+        f"{evaluation.get('n_findings_evaluated')} findings with both classes present"
+        if mean is not None else "Mean AUC: n/a (no finding has both positive and negative known labels)",
+        "Strata: " + ", ".join(f"{STRATUM_LABELS[k]}: {v}" for k, v in (evaluation.get("strata") or {}).items()),
+    ]
+    calibration = evaluation.get("calibration") or {}
+    if calibration.get("ece_before") is not None:
+        after = calibration.get("ece_after")
+        lines.append(f"Calibration: ECE {calibration['ece_before']:.3f}"
+                     + (f" -> {after:.3f} after temperature scaling (T = {calibration.get('temperature'):.3f})"
+                        if after is not None else ""))
+    rows = [r for r in sorted_rows(evaluation.get("per_finding") or {}) if r.get("auc") is not None]
+    if rows:
+        shown = rows if len(rows) <= 2 * top else rows[:top] + [None] + rows[-top:]
+        lines.append("")
+        lines.append(f"{'finding':<40} {'AUC':>6} {'95% CI':>15} {'pos':>5} {'neg':>5}")
+        for row in shown:
+            if row is None:
+                lines.append(f"{'...':<40}")
+                continue
+            ci = f"{row['ci_low']:.3f}-{row['ci_high']:.3f}" if row.get("ci_low") is not None else ""
+            lines.append(f"{_short(row.get('name') or row['id'], 40):<40} {row['auc']:>6.3f} {ci:>15} "
+                         f"{row.get('n_pos', ''):>5} {row.get('n_neg', ''):>5}")
+    comparison = evaluation.get("comparison")
+    if comparison and comparison.get("mean_gain") is not None:
+        lines.append("")
+        lines.append(f"Compared with {comparison.get('reference_name')}: mean AUC gain {comparison['mean_gain']:+.3f} "
+                     f"({comparison['n_improved']} findings better, {comparison['n_worse']} worse, "
+                     f"{comparison['n_equal']} equal, of {comparison['n_compared']})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ model card
+def _fmt(value, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+    return "n/a" if value is None else str(value)
+
+
+def _flat_items(mapping: Mapping, prefix: str = "") -> list[tuple[str, str]]:
+    items = []
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            items += _flat_items(value, f"{name}.")
+        elif isinstance(value, (list, tuple)) and len(value) > 8:
+            items.append((name, f"{len(value)} items"))
+        else:
+            items.append((name, _fmt(value) if isinstance(value, float) else str(value)))
+    return items
+
+
+def _model_details(manifest: Mapping) -> list[str]:
+    model = manifest.get("model") or {}
+    backbone = model.get("backbone") or {}
+    lora = backbone.get("lora") or {}
+    molre = model.get("molre") or {}
+    weights = (manifest.get("backbone") or {}).get("weights") or {}
+    pre = manifest.get("preprocessing") or {}
+    params = manifest.get("parameters") or {}
+    findings = (manifest.get("findings") or {}).get("findings") or []
+    use_molre = model.get("use_molre", True)
+    lines = [
+        "## Model details", "",
+        f"- Name: {manifest.get('name')}" + (f" — {manifest['description']}" if manifest.get("description") else ""),
+        f"- Created: {manifest.get('created')}" + (f"; updated {manifest['updated']}" if manifest.get("updated") else ""),
+        f"- Software: " + ", ".join(f"{k} {v}" for k, v in (manifest.get("created_by") or {}).items()),
+        f"- Backbone: {backbone.get('family')} ({backbone.get('size')}) at {backbone.get('image_size')} px, frozen; "
+        f"weights {weights.get('kind', '?')} (origin: {weights.get('origin') or weights.get('folder') or 'unknown'})",
+        f"- Adaptation: LoRA r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')} on "
+        f"{lora.get('targets')} layers; "
+        + (f"MoLRE with K={molre.get('num_experts')} experts of rank {molre.get('rank')} and router hidden size "
+           f"{molre.get('router_hidden')} (soft routing per slice), attention pooling over slices, linear head"
+           if use_molre else "no MoLRE (the paper's LoRA-only baseline), attention pooling over slices, linear head"),
+        "- Parameters: " + (", ".join(f"{k} {v:,}" for k, v in params.items()) if params else "not recorded"),
+        f"- Outputs: {len(findings)} finding probabilities (sigmoid, multi-label), catalog version "
+        f"{str((manifest.get('findings') or {}).get('version', ''))[:12]}",
+        f"- Input: non-contrast head CT resampled to {pre.get('num_slices')} slices of {pre.get('slice_spacing_mm')} mm, "
+        f"{pre.get('image_size')} px over {pre.get('in_plane_fov_mm')} mm, windows {pre.get('windows_hu')} HU, "
+        f"alignment {pre.get('alignment')}",
+        f"- Decision rule: probability >= per-finding threshold; calibration temperature "
+        f"{_fmt(float(manifest.get('temperature', 1.0)))}",
+    ]
+    return lines
+
+
+def _training_section(manifest: Mapping) -> list[str]:
+    training = manifest.get("training") or {}
+    synthetic = manifest.get("synthetic_training_data")
+    lines = ["## Training data", ""]
+    if synthetic:
+        lines.append("- **Trained on synthetic head CT phantoms only** (procedurally generated; no patient data).")
+    elif synthetic is False:
+        lines.append("- Trained on real head CT studies (see the provenance below).")
+    else:
+        lines.append("- Whether the training data were synthetic is not recorded.")
+    if not training:
+        lines += ["- No training provenance is recorded: this bundle was not trained by `headct-molre train` "
+                  "(for example it was created by `new-model` with random adapters). Its outputs carry no "
+                  "diagnostic information until it is trained.", ""]
+        return lines
+    data_keys = [k for k in training if any(w in k for w in ("case", "train", "val", "split", "csv", "data", "seed"))]
+    for key in data_keys:
+        value = training[key]
+        if not isinstance(value, (Mapping, list)):
+            lines.append(f"- {key}: {_fmt(value)}")
+    lines += ["", "## Training protocol", ""]
+    lines.append("Recorded in the bundle's manifest (`training`):")
+    lines.append("")
+    for key, value in _flat_items({k: v for k, v in training.items() if k not in data_keys or isinstance(v, (Mapping, list))}):
+        lines.append(f"- {key}: {value}")
+    lines.append("")
+    return lines
+
+
+def _metrics_section(manifest: Mapping, evaluation: Mapping | None) -> tuple[list[str], list[str]]:
+    """Metrics lines and the ids of catalog findings that were not evaluable."""
+    ids = [row["id"] for row in ((manifest.get("findings") or {}).get("findings") or [])]
+    stored = manifest.get("metrics") or {}
+    source = evaluation or stored.get("evaluation") or stored
+    lines = ["## Evaluation", ""]
+    if not source or source.get("mean_auc") is None and not source.get("per_finding"):
+        lines += ["No evaluation is recorded for this bundle. Run `headct-molre evaluate --cases CSV --model "
+                  "BUNDLE --out DIR` on held-out labelled cases.", ""]
+        return lines, ids
+    where = source.get("cases_csv") or source.get("evaluated_on")
+    lines.append(f"- Evaluation cases: {source.get('n_cases_evaluated', '?')} of {source.get('n_cases', '?')}"
+                 + (f" from `{Path(str(where)).name}`" if where else "")
+                 + (f", evaluated {source['evaluated']}" if source.get("evaluated") else ""))
+    if source.get("mean_auc") is not None:
+        lines.append(f"- Mean AUC: {_fmt(source['mean_auc'])} ± {_fmt(source.get('std_auc'))} (population SD) over "
+                     f"{source.get('n_findings_evaluated')} of {len(ids)} findings with both classes present")
+    strata = source.get("strata") or {}
+    if strata:
+        lines.append("- Findings per AUC stratum (the paper's): "
+                     + "; ".join(f"{STRATUM_LABELS.get(k, k)}: {v}" for k, v in strata.items()))
+    calibration = source.get("calibration") or {}
+    if calibration:
+        lines.append(f"- Calibration: expected calibration error {_fmt(calibration.get('ece_before'))} before and "
+                     f"{_fmt(calibration.get('ece_after'))} after temperature scaling "
+                     f"(T = {_fmt(calibration.get('temperature'))}; {calibration.get('n_bins', 10)} equal-width bins, "
+                     "all findings pooled; fitted and measured on the same cases)")
+    if source.get("synthetic_cases"):
+        lines.append("- The evaluation cases are **synthetic phantoms**, not patient scans.")
+    comparison = source.get("comparison") or {}
+    if comparison.get("mean_gain") is not None:
+        ci = comparison.get("mean_gain_ci")
+        lines.append(f"- Compared with {comparison.get('reference_name')} on the same {comparison.get('n_cases')} cases: "
+                     f"mean AUC {_fmt(comparison.get('mean_auc_reference'))} -> {_fmt(comparison.get('mean_auc_candidate'))}, "
+                     f"gain {comparison['mean_gain']:+.3f}"
+                     + (f" (95% paired bootstrap interval {ci[0]:+.3f} to {ci[1]:+.3f})" if ci else "")
+                     + f"; {comparison.get('n_improved')} findings better, {comparison.get('n_worse')} worse")
+    thresholds = source.get("thresholds") or {}
+    if thresholds.get("target_sensitivity") is not None:
+        lines.append(f"- Thresholds: chosen per finding for sensitivity >= {thresholds['target_sensitivity']:.2f} on "
+                     "these cases; 0.5 where a finding had no positive case")
+    per_finding = source.get("per_finding") or {}
+    per_finding_auc = source.get("per_finding_auc") or {}
+    if per_finding or per_finding_auc:
+        if not per_finding:
+            per_finding = {fid: {"auc": auc} for fid, auc in per_finding_auc.items()}
+        names = {row["id"]: row.get("name", row["id"]) for row in (manifest.get("findings") or {}).get("findings") or []}
+        rows = [dict(row, name=row.get("name") or names.get(row["id"], row["id"])) for row in sorted_rows(per_finding)
+                if row.get("auc") is not None]
+        lines += ["", f"Per-finding AUC ({len(rows)} findings evaluated), best first:", ""]
+        columns = [c for c in ("name", "auc", "ci_low", "ci_high", "n_pos", "n_neg", "threshold") if any(c in r for r in rows)]
+        lines.append(table_markdown(rows, columns, [c.replace("_", " ") for c in columns]).rstrip())
+        evaluated = {row["id"] for row in rows}
+    else:
+        evaluated = set()
+    lines.append("")
+    return lines, [fid for fid in ids if fid not in evaluated]
+
+
+def model_card(manifest: Mapping, evaluation: Mapping | None = None) -> str:
+    """The Markdown model card of a bundle, from its manifest and (optionally) an evaluation dict.
+
+    Sections: model details, intended use, training data and protocol, evaluation (mean AUC, strata,
+    calibration, per-finding table), limitations (synthetic data, findings never evaluated, in-sample
+    calibration), how to cite, license. Without ``evaluation`` the metrics stored in the manifest are
+    used, and their absence is stated.
+    """
+    name = manifest.get("name", "model")
+    synthetic = manifest.get("synthetic_training_data")
+    lines = [f"# Model card: {name}", ""]
+    if synthetic:
+        lines += ["> **Synthetic demonstration model. Trained on computer-generated phantoms, not on patients. "
+                  "Not for clinical use.**", ""]
+    lines += _model_details(manifest) + [""]
+    lines += ["## Intended use", "", "**Research use only, not for clinical use.**", ""]
+    if manifest.get("intended_use"):
+        lines += [manifest["intended_use"], ""]
+    lines += ["This model is not a medical device, has not been cleared or approved by any regulator, and must not "
+              "inform the diagnosis or treatment of a patient. Intended users are imaging-AI researchers and "
+              "research radiologists studying parameter-efficient adaptation of foundation models to head CT. "
+              "Inputs must be non-contrast head CT of adults.", ""]
+    lines += _training_section(manifest)
+    metric_lines, not_evaluated = _metrics_section(manifest, evaluation)
+    lines += metric_lines
+    limitations = ["## Limitations", ""]
+    evaluated_on = evaluation or (manifest.get("metrics") or {}).get("evaluation") or {}
+    if evaluated_on.get("synthetic_cases"):
+        limitations.append("- Evaluated on synthetic phantoms: these figures say nothing about real scans.")
+    if synthetic:
+        limitations.append("- Trained on synthetic phantoms: performance on real scans is unknown and expected to be "
+                           "poor; the phantom renders only a subset of the findings.")
+    if not_evaluated:
+        shown = ", ".join(not_evaluated[:12]) + (f", … ({len(not_evaluated) - 12} more)" if len(not_evaluated) > 12 else "")
+        limitations.append(f"- {len(not_evaluated)} of the catalog's findings were not evaluated (no positive or no "
+                           f"negative case): {shown}. Nothing is known about the model on these.")
+    limitations += [
+        "- AUC intervals are percentile bootstrap intervals over cases; with few positive cases they are wide and "
+        "the AUC itself is unstable.",
+        "- Temperature and thresholds are fitted on the evaluation cases themselves; the calibration figures after "
+        "scaling are therefore optimistic. Re-evaluate on independent cases before relying on them.",
+        "- Performance depends on the scanner, protocol, population and label definitions of the training data; "
+        "expect a drop on data from other sites. Scans that fail the input checks (non-head, contrast, "
+        "incomplete coverage, wrong units) are refused rather than scored.",
+        "- A multi-label classifier: it does not localise findings; per-slice attention and contributions show "
+        "which slices drove a score, not where a lesion is.", "",
+    ]
+    lines += limitations
+    lines += ["## How to cite", "", "If you use this model or the HeadCTMoLRE software, cite the MoLRE paper:", "",
+              PAPER_CITATION, "", "```bibtex", PAPER_BIBTEX, "```", ""]
+    lines += ["## License", "",
+              f"HeadCTMoLRE code: {CODE_LICENSE}. The backbone weights keep the license of their origin "
+              "(see the backbone origin above); adapters trained on your data are subject to that data's terms.", ""]
+    return "\n".join(lines)
