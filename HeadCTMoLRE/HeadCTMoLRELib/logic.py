@@ -1,0 +1,342 @@
+"""The one Logic of the Slicer module, without Qt: blocking calls for batch and tests, worker jobs for the GUI.
+
+    core = HeadCTMoLRECore(scene)                 # scene: slicer.mrmlScene by default
+    nodes = core.run(ct_node, "demo")             # blocking: PredictionNodes in the scene
+    job = core.start(ct_node, "demo")             # background: poll() from a timer, cancel() on Cancel
+    ... job.poll() ... -> core.show(job.result_folder, ct_node=ct_node)
+
+Models: the entries of Resources/Models.json plus every bundle folder in the user model folder
+(``HEADCT_MOLRE_MODELS``, default ``~/.cache/headct-molre/models``). Bundles are verified (sha256 of every
+file) by ``bundle.load_bundle`` before use; nothing is downloaded here, so everything works offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+from . import bundle as bundle_lib
+from . import worker as worker_lib
+
+MODELS_ENV = "HEADCT_MOLRE_MODELS"
+MODELS_JSON = "Models.json"
+
+
+class Cancelled(RuntimeError):
+    """The user cancelled the operation."""
+
+
+def user_model_folder() -> Path:
+    """Where imported and fine-tuned bundles live (``HEADCT_MOLRE_MODELS`` or ~/.cache/headct-molre/models)."""
+    return Path(os.environ.get(MODELS_ENV) or Path.home() / ".cache" / "headct-molre" / "models").expanduser()
+
+
+def _describe_bundle(path: Path, entry: dict | None = None) -> dict:
+    """A model-list entry: id, title, path, description, backbone, synthetic, sha256_ok (+ error)."""
+    entry = dict(entry or {})
+    info = {"id": entry.get("id") or path.name, "title": entry.get("title") or path.name, "path": str(path),
+            "description": entry.get("description", ""), "backbone": entry.get("backbone", ""),
+            "synthetic": bool(entry.get("synthetic", False)), "sha256_ok": False, "error": None,
+            "source": entry.get("source", "user")}
+    try:
+        loaded = bundle_lib.load_bundle(path)
+    except (bundle_lib.BundleError, OSError, ValueError, KeyError) as error:
+        info["error"] = str(error)
+        return info
+    manifest = loaded.manifest
+    backbone = manifest.get("model", {}).get("backbone", {})
+    info.update(sha256_ok=True, title=entry.get("title") or manifest.get("name") or path.name,
+                description=entry.get("description") or manifest.get("description") or "",
+                backbone=entry.get("backbone") or f"{backbone.get('family', '')} {backbone.get('size', '')}".strip(),
+                synthetic=bool(entry.get("synthetic", manifest.get("synthetic_training_data", False))),
+                training=manifest.get("training"), metrics=manifest.get("metrics"))
+    return info
+
+
+def _manifest_entries() -> list[dict]:
+    from .resources import resource_path
+
+    path = resource_path(MODELS_JSON)
+    if not Path(path).is_file():
+        return []
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    entries = data.get("models", []) if isinstance(data, dict) else data
+    out = []
+    for entry in entries:
+        folder = Path(entry.get("path", entry.get("id", "")))
+        if not folder.is_absolute():
+            folder = Path(path).parent / folder
+        out.append(dict(entry, path=str(folder), source="builtin"))
+    return out
+
+
+def _safe_extract(archive: Path, target: Path) -> None:
+    """Extract a zip refusing absolute paths, '..' components and links (no writes outside ``target``)."""
+    with zipfile.ZipFile(archive) as handle:
+        for member in handle.infolist():
+            name = member.filename
+            parts = Path(name).parts
+            if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                raise bundle_lib.BundleError(f"{archive}: refusing unsafe path {name!r} in the archive; the zip "
+                                             "must hold only relative paths inside one bundle folder.")
+            if (member.external_attr >> 16) & 0o170000 == 0o120000:
+                raise bundle_lib.BundleError(f"{archive}: refusing symbolic link {name!r} in the archive.")
+        handle.extractall(target)
+
+
+def _find_bundle_root(folder: Path) -> Path:
+    candidates = sorted(p.parent for p in folder.rglob(bundle_lib.MANIFEST))
+    if len(candidates) != 1:
+        raise bundle_lib.BundleError(f"{folder}: expected exactly one model bundle (a folder with "
+                                     f"{bundle_lib.MANIFEST}), found {len(candidates)}.")
+    return candidates[0]
+
+
+def list_models() -> list[dict]:
+    """Built-in (Resources/Models.json) and user bundles: id, title, path, description, backbone,
+    synthetic, sha256_ok (False with ``error`` when the bundle fails verification), source."""
+    out, seen = [], set()
+    for entry in _manifest_entries():
+        out.append(_describe_bundle(Path(entry["path"]), entry))
+        seen.add(Path(entry["path"]).resolve())
+    folder = user_model_folder()
+    if folder.is_dir():
+        for path in sorted(p.parent for p in folder.glob(f"*/{bundle_lib.MANIFEST}")):
+            if path.resolve() not in seen:
+                out.append(_describe_bundle(path))
+    return out
+
+
+def resolve_model(model_id: str) -> Path:
+    """The verified bundle folder of a model id, or of a bundle folder path given directly."""
+    candidate = Path(str(model_id)).expanduser()
+    if (candidate / bundle_lib.MANIFEST).is_file():
+        return candidate.resolve()
+    models = list_models()
+    for info in models:
+        if info["id"] == model_id:
+            if not info["sha256_ok"]:
+                raise bundle_lib.BundleError(f"model {model_id!r} cannot be used: {info['error']}")
+            return Path(info["path"])
+    known = ", ".join(m["id"] for m in models) or "none"
+    raise bundle_lib.BundleError(f"unknown model {model_id!r} (known: {known}); import its bundle folder or "
+                                 f"zip first, or put it into {user_model_folder()}.")
+
+
+class WorkerJob:
+    """One request running in the worker process, polled from the GUI's timer.
+
+    poll() -> messages of this job received since the last call (never blocks) and calls the callbacks:
+    on_progress(stage, fraction, details), on_log(text), on_result(result dict), on_error(message, type).
+    state: "running", "done", "failed" or "cancelled". cancel() ends the worker and its children (< 2 s).
+    """
+
+    def __init__(self, client: worker_lib.WorkerClient, request: dict, *, result_folder: Path | None = None):
+        self.client = client
+        self.request_id = client.send(request)
+        self.kind = request.get("cmd")
+        self.result_folder = result_folder
+        self.state = "running"
+        self.result: dict | None = None
+        self.error: str | None = None
+        self.progress = (None, 0.0)
+        self.on_progress: Callable | None = None
+        self.on_log: Callable | None = None
+        self.on_result: Callable | None = None
+        self.on_error: Callable | None = None
+
+    def poll(self) -> list[dict]:
+        mine = []
+        for message in self.client.poll():
+            kind = message.get("type")
+            if message.get("id") not in (None, self.request_id):
+                continue
+            mine.append(message)
+            if kind == "progress":
+                self.progress = (message.get("stage"), message.get("fraction"))
+                if self.on_progress:
+                    self.on_progress(message.get("stage"), message.get("fraction"), message.get("details"))
+            elif kind == "log" and self.on_log:
+                self.on_log(message.get("message", ""))
+            elif kind == "result" and message.get("id") == self.request_id:
+                self.state, self.result = "done", message
+                if self.on_result:
+                    self.on_result(message)
+            elif kind == "error" and message.get("id") == self.request_id:
+                self._fail(message.get("message", "unknown error"), message.get("error_type", "Error"))
+            elif kind == "exit" and self.state == "running":
+                self._fail(f"the worker process ended unexpectedly (exit status {message.get('returncode')}); "
+                           "see the log for its last messages", "WorkerError")
+        return mine
+
+    def _fail(self, text: str, error_type: str) -> None:
+        self.state, self.error = "failed", text
+        if self.on_error:
+            self.on_error(text, error_type)
+
+    def cancel(self) -> bool:
+        stopped = self.client.cancel()
+        if self.state == "running":
+            self.state = "cancelled"
+        return stopped
+
+
+class HeadCTMoLRECore:
+    """Everything the module does, Qt-free. ``scene``: an MRML scene (default ``slicer.mrmlScene``)."""
+
+    def __init__(self, scene=None):
+        if scene is None:
+            from . import slicer_app
+
+            scene = slicer_app.default_scene()
+        self.scene = scene
+        self._worker: worker_lib.WorkerClient | None = None
+        self.python_executable: str | None = None  # PythonSlicer inside Slicer (set by the module)
+
+    # ----------------------------------------------------------------------------------------- models
+    def models(self) -> list[dict]:
+        """See ``list_models``."""
+        return list_models()
+
+    def model_path(self, model_id: str) -> Path:
+        """The bundle folder of a model id (or a bundle folder path given directly)."""
+        return resolve_model(model_id)
+
+    def import_model(self, path) -> dict:
+        """Verify a bundle folder or .zip and copy it into the user model folder; returns its entry."""
+        source = Path(path).expanduser().resolve()
+        folder = user_model_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".import-") as staging:
+            staging = Path(staging)
+            if source.is_file() and zipfile.is_zipfile(source):
+                _safe_extract(source, staging / "unzipped")
+                root = _find_bundle_root(staging / "unzipped")
+            elif source.is_dir():
+                root = source
+            else:
+                raise bundle_lib.BundleError(f"{source}: not a model bundle folder or .zip archive.")
+            loaded = bundle_lib.load_bundle(root)
+            name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (loaded.name or root.name)) or "model"
+            target, index = folder / name, 2
+            while target.exists():
+                target, index = folder / f"{name}-{index}", index + 1
+            shutil.copytree(root, target)
+        bundle_lib.load_bundle(target)
+        return _describe_bundle(target)
+
+    def device_info(self) -> dict:
+        from .inference import device_report
+
+        return device_report()
+
+    # -------------------------------------------------------------------------------------- inference
+    def run(self, volume_node, model_id: str, device: str = "auto", progress: Callable | None = None,
+            should_cancel: Callable | None = None):
+        """Blocking inference on a CT volume node; returns mrml.PredictionNodes. progress(stage, fraction);
+        should_cancel() -> True raises Cancelled between stages."""
+        from . import inference, mrml
+
+        def step(stage: str):
+            if should_cancel and should_cancel():
+                raise Cancelled(f"cancelled before '{stage}'")
+            if progress:
+                progress(stage, worker_lib.INFER_STAGES.get(stage, 1.0))
+
+        step("loading model")
+        volume = mrml.ct_volume_from_node(volume_node)
+        bundle_path = self.model_path(model_id)
+
+        def on_log(message: str):
+            if message.startswith("preprocessing"):
+                step("preprocessing")
+            elif message.startswith("running the model"):
+                step("running model")
+
+        prediction = inference.predict(volume, bundle_path, device, log=on_log)
+        step("writing results")
+        nodes = mrml.show_prediction(self.scene, prediction, ct_node=volume_node)
+        if progress:
+            progress("done", 1.0)
+        return nodes
+
+    def worker(self) -> worker_lib.WorkerClient:
+        """The long-lived worker process (started on first use, restarted after a cancel)."""
+        if self._worker is None or not self._worker.running:
+            self._worker = worker_lib.WorkerClient().start(self.python_executable)
+        return self._worker
+
+    def start(self, volume_node, model_id: str, device: str = "auto") -> WorkerJob:
+        """Background inference: the CT (checked, parent transforms applied) goes to the worker as NRRD."""
+        import SimpleITK as sitk
+
+        from . import mrml
+
+        volume = mrml.ct_volume_from_node(volume_node)
+        bundle_path = self.model_path(model_id)
+        output = Path(tempfile.mkdtemp(prefix="headct-molre-run-"))
+        input_path = output / worker_lib.INPUT_NRRD
+        sitk.WriteImage(volume.image, str(input_path), useCompression=True)
+        request = {"cmd": "infer", "input": str(input_path), "model": str(bundle_path), "device": device,
+                   "output": str(output)}
+        return WorkerJob(self.worker(), request, result_folder=output)
+
+    def show(self, result, ct_node=None, name: str | None = None):
+        """Nodes for a Prediction or a worker result folder (or a finished WorkerJob)."""
+        from . import mrml
+
+        if isinstance(result, WorkerJob):
+            result = result.result_folder
+        if isinstance(result, (str, os.PathLike)):
+            volume = None
+            if ct_node is not None:
+                volume = mrml.ct_volume_from_node(ct_node)
+            result = worker_lib.read_result(result, volume)
+        return mrml.show_prediction(self.scene, result, ct_node=ct_node, name=name)
+
+    def select_finding(self, nodes, finding_id: str) -> float:
+        from . import mrml
+
+        return mrml.select_finding(self.scene, nodes, finding_id)
+
+    # ------------------------------------------------------------------------------------ fine-tuning
+    def _fine_tune_output(self, output_name: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in output_name.strip()) or "fine-tuned"
+        target = user_model_folder() / safe
+        if (target / bundle_lib.MANIFEST).exists():
+            raise FileExistsError(f"a model named {safe!r} already exists in {user_model_folder()}; choose another "
+                                  "output name.")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def fine_tune(self, cases_csv, start_model_id: str, epochs: int, output_name: str,
+                  progress: Callable | None = None, should_cancel: Callable | None = None) -> dict:
+        """Blocking fine-tuning into a new bundle in the user model folder; returns its model entry with
+        the training result under "result"."""
+        target = self._fine_tune_output(output_name)
+        summary = worker_lib.fine_tune_bundle(cases_csv, self.model_path(start_model_id), epochs, target,
+                                              progress=progress, should_stop=should_cancel)
+        if should_cancel and should_cancel() and not (target / bundle_lib.MANIFEST).exists():
+            raise Cancelled("fine-tuning cancelled; no bundle was written")
+        return dict(_describe_bundle(target), result=summary.get("result"))
+
+    def start_fine_tune(self, cases_csv, start_model_id: str, epochs: int, output_name: str) -> WorkerJob:
+        target = self._fine_tune_output(output_name)
+        request = {"cmd": "fine_tune", "cases_csv": str(Path(cases_csv).resolve()),
+                   "start_model": str(self.model_path(start_model_id)), "epochs": int(epochs), "output": str(target)}
+        return WorkerJob(self.worker(), request, result_folder=target)
+
+    def shutdown(self) -> None:
+        """End the worker process (module cleanup / scene close)."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+
+__all__ = ["HeadCTMoLRECore", "WorkerJob", "Cancelled", "user_model_folder", "list_models", "resolve_model",
+           "MODELS_ENV"]

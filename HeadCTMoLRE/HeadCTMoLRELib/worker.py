@@ -1,0 +1,448 @@
+"""Background worker for the GUI: one long-lived process that speaks line-delimited JSON; no Qt, no slicer.
+
+Run as ``python -m HeadCTMoLRELib.worker`` (``PythonSlicer -m HeadCTMoLRELib.worker`` inside Slicer). It
+reads one JSON request per line on stdin and answers with JSON lines on stdout, each carrying the
+request's ``id`` and a ``type``:
+
+    {"id": 7, "type": "progress", "stage": "running model", "fraction": 0.5}
+    {"id": 7, "type": "log", "message": "..."}
+    {"id": 7, "type": "result", ...}          the request is finished
+    {"id": 7, "type": "error", "message": "...", "error_type": "CTInputError"}
+
+Requests (``cmd``):
+    ping                                   -> result {"pong": true, "pid": ...}
+    infer   input, model, output, device   -> result {"output": folder, "findings": [...top 5...], ...}
+    fine_tune cases_csv, start_model, epochs, output -> result {"bundle": folder, ...}
+    sleep   seconds (tests: a slow request with a child process, to test cancel)
+    shutdown                               -> the process exits
+
+Loaded models stay cached between requests (``inference.cached_model``). Only protocol lines reach the
+real stdout: at start-up file descriptor 1 is pointed at stderr, so library and C-level prints cannot
+corrupt the protocol.
+
+``write_result`` / ``read_result`` store a Prediction in a folder (outputs.write_prediction's files plus
+the per-slice arrays and the head-frame stack geometry) and rebuild it, so the GUI process can show it
+with exactly the maps the worker computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+RESULT_JSON = "prediction_maps.json"
+HEAD_MASK_NRRD = "head_mask.nrrd"
+INPUT_NRRD = "input.nrrd"
+CANCEL_TIMEOUT_S = 2.0
+
+
+class WorkerError(RuntimeError):
+    """The worker process failed or answered something unexpected; the message says what."""
+
+
+# ------------------------------------------------------------------------------ prediction <-> folder
+def write_result(prediction, folder: str | os.PathLike, *, input_path: str | os.PathLike | None = None) -> dict:
+    """Write ``prediction`` into ``folder``: findings.tsv/json, attention/experts NRRD (input grid, LPS),
+    prediction_maps.json (per-slice arrays, catalog, stack geometry) and head_mask.nrrd (stack grid).
+
+    input_path: the CT file the prediction was made from; when None the CT is written as input.nrrd so the
+    folder is self-contained. Returns {kind: path}.
+    """
+    import SimpleITK as sitk
+
+    from .outputs import write_prediction
+
+    folder = Path(folder)
+    paths = {k: str(v) for k, v in write_prediction(prediction, folder).items()}
+    if input_path is None:
+        input_path = folder / INPUT_NRRD
+        sitk.WriteImage(prediction.volume.image, str(input_path), useCompression=True)
+    stack = prediction.stack
+    mask = sitk.GetImageFromArray(np.asarray(stack.head_mask, dtype=np.uint8))
+    sitk.WriteImage(mask, str(folder / HEAD_MASK_NRRD), useCompression=True)
+
+    def arr(values):
+        return None if values is None else np.asarray(values).tolist()
+
+    record = {
+        "input": str(Path(input_path).resolve()),
+        "catalog": prediction.catalog.to_dict(),
+        "probabilities": arr(prediction.probabilities), "logits": arr(prediction.logits),
+        "thresholds": arr(prediction.thresholds), "attention": arr(prediction.attention),
+        "router_weights": arr(prediction.router_weights), "dominant_expert": arr(prediction.dominant_expert),
+        "contributions": arr(prediction.contributions), "slice_valid": arr(prediction.slice_valid),
+        "slice_positions_mm": arr(prediction.slice_positions_mm),
+        "stack": {"origin_mm": arr(stack.origin_mm), "spacing_mm": arr(stack.spacing_mm),
+                  "head_to_patient": arr(stack.head_to_patient), "alignment": stack.alignment,
+                  "warnings": list(stack.warnings), "config": stack.config.to_dict()},
+        "timings_s": prediction.timings_s, "provenance": prediction.provenance,
+        "warnings": list(prediction.warnings),
+    }
+    (folder / RESULT_JSON).write_text(json.dumps(record, default=_json_default) + "\n", encoding="utf-8")
+    paths.update(prediction_maps=str(folder / RESULT_JSON), head_mask=str(folder / HEAD_MASK_NRRD),
+                 input=str(input_path))
+    return paths
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def read_result(folder: str | os.PathLike, volume=None):
+    """Rebuild the inference.Prediction written by ``write_result`` (the stack holds geometry and head
+    mask, not pixels). volume: the ctio.CTVolume it was made from; None reads the recorded input file."""
+    import SimpleITK as sitk
+
+    from . import ctio
+    from .findings import FindingCatalog
+    from .inference import Prediction
+    from .preprocess import PreprocessConfig, SliceStack
+
+    folder = Path(folder)
+    maps = folder / RESULT_JSON
+    if not maps.is_file():
+        raise WorkerError(f"{folder}: no {RESULT_JSON}; this is not a HeadCTMoLRE result folder (run inference "
+                          "again).")
+    record = json.loads(maps.read_text(encoding="utf-8"))
+    if volume is None:
+        volume = ctio.load_ct(record["input"])
+    head_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / HEAD_MASK_NRRD))).astype(bool)
+    geometry = record["stack"]
+
+    def arr(key, dtype=np.float64):
+        return None if record.get(key) is None else np.asarray(record[key], dtype=dtype)
+
+    stack = SliceStack(
+        pixels=np.zeros((head_mask.shape[0], 0, 1, 1), np.float32), slice_valid=arr("slice_valid", bool),
+        head_mask=head_mask, slice_positions_mm=arr("slice_positions_mm"),
+        origin_mm=np.asarray(geometry["origin_mm"]), spacing_mm=np.asarray(geometry["spacing_mm"]),
+        head_to_patient=np.asarray(geometry["head_to_patient"]), alignment=geometry["alignment"],
+        warnings=list(geometry.get("warnings", [])), config=PreprocessConfig.from_dict(geometry["config"]))
+    return Prediction(
+        catalog=FindingCatalog.from_dict(record["catalog"]), probabilities=arr("probabilities"),
+        logits=arr("logits"), thresholds=arr("thresholds"), attention=arr("attention", np.float32),
+        router_weights=arr("router_weights", np.float32), dominant_expert=arr("dominant_expert", np.int64),
+        contributions=arr("contributions", np.float32), slice_valid=arr("slice_valid", bool),
+        slice_positions_mm=arr("slice_positions_mm"), stack=stack, volume=volume,
+        timings_s=record.get("timings_s", {}), provenance=record.get("provenance", {}),
+        warnings=record.get("warnings", []))
+
+
+# ------------------------------------------------------------------------------------- the work itself
+INFER_STAGES = {"loading model": 0.05, "preprocessing": 0.3, "running model": 0.5, "writing results": 0.85}
+
+
+def infer_to_folder(input_path, model_path, output, device="auto", *, progress: Callable | None = None,
+                    log: Callable | None = None) -> dict:
+    """Run inference on a CT file and write ``write_result``'s files into ``output``; returns a summary."""
+    from . import inference
+
+    def stage(name):
+        if progress:
+            progress(name, INFER_STAGES[name])
+
+    def on_log(message: str):
+        if message.startswith("preprocessing"):
+            stage("preprocessing")
+        elif message.startswith("running the model"):
+            stage("running model")
+        if log:
+            log(message)
+
+    stage("loading model")
+    prediction = inference.predict(str(input_path), str(model_path), device, log=on_log)
+    stage("writing results")
+    paths = write_result(prediction, output, input_path=input_path)
+    top = sorted(prediction.findings(), key=lambda f: f["probability"], reverse=True)[:5]
+    if progress:
+        progress("done", 1.0)
+    return {"output": str(Path(output).resolve()), "files": paths, "device": prediction.provenance.get("device"),
+            "precision": prediction.provenance.get("precision"), "timings_s": prediction.timings_s,
+            "warnings": prediction.warnings,
+            "findings": [{k: f[k] for k in ("id", "name", "probability", "positive")} for f in top]}
+
+
+def _epochs_field(config_class) -> str:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    for candidate in ("epochs", "max_epochs", "num_epochs"):
+        if candidate in names:
+            return candidate
+    raise WorkerError(f"train.TrainConfig has no epochs field (fields: {sorted(names)}); update worker.py.")
+
+
+def fine_tune_bundle(cases_csv, start_model, epochs: int, output, *, progress: Callable | None = None,
+                     should_stop: Callable | None = None, cache_dir=None) -> dict:
+    """Fine-tune ``start_model``'s adapters on the labelled cases of ``cases_csv`` into the bundle folder
+    ``output``, through ``train.fine_tune``. progress(stage, fraction, details dict) is called per update."""
+    import dataclasses
+
+    from . import bundle as bundle_lib
+    from . import data, train
+
+    start = bundle_lib.load_bundle(start_model)
+    cases = data.read_cases(cases_csv, start.catalog)
+    config = dataclasses.replace(train.TrainConfig(), **{_epochs_field(train.TrainConfig): int(epochs)})
+
+    def on_progress(*args, **kwargs):
+        if progress is None:
+            return
+        details = args[0] if len(args) == 1 and isinstance(args[0], dict) else {"args": [str(a) for a in args]}
+        details.update({k: v for k, v in kwargs.items()})
+        epoch = details.get("epoch")
+        fraction = float(epoch) / max(int(epochs), 1) if isinstance(epoch, (int, float)) else None
+        progress("training", fraction, _jsonable(details))
+
+    result = train.fine_tune(cases, start, output, config, cache_dir=cache_dir, progress=on_progress,
+                             should_stop=should_stop)
+    return {"bundle": str(Path(output).resolve()), "result": _jsonable(result)}
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
+
+# ------------------------------------------------------------------------------------------- the server
+class _Server:
+    def __init__(self, out):
+        self.out = out
+        self.lock = threading.Lock()
+
+    def send(self, message: dict) -> None:
+        line = json.dumps(message, default=_json_default)
+        with self.lock:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def handle(self, request: dict) -> bool:
+        """Answer one request; returns False on shutdown."""
+        rid, cmd = request.get("id"), request.get("cmd")
+
+        def progress(stage, fraction, details=None):
+            message = {"id": rid, "type": "progress", "stage": stage, "fraction": fraction}
+            if details:
+                message["details"] = details
+            self.send(message)
+
+        def log(text):
+            self.send({"id": rid, "type": "log", "message": str(text)})
+
+        if cmd == "shutdown":
+            self.send({"id": rid, "type": "result", "shutdown": True})
+            return False
+        try:
+            if cmd == "ping":
+                result = {"pong": True, "pid": os.getpid(), "python": sys.executable}
+            elif cmd == "infer":
+                result = infer_to_folder(request["input"], request["model"], request["output"],
+                                         request.get("device", "auto"), progress=progress, log=log)
+            elif cmd == "fine_tune":
+                result = fine_tune_bundle(request["cases_csv"], request["start_model"], request.get("epochs", 20),
+                                          request["output"], progress=progress, cache_dir=request.get("cache_dir"))
+            elif cmd == "sleep":
+                progress("sleeping", 0.0)
+                subprocess.run([sys.executable, "-c", f"import time; time.sleep({float(request.get('seconds', 60))})"],
+                               check=True, stdout=subprocess.DEVNULL)
+                result = {"slept": float(request.get("seconds", 60))}
+            else:
+                raise WorkerError(f"unknown command {cmd!r}; expected ping, infer, fine_tune, sleep or shutdown.")
+        except KeyError as error:
+            self.send({"id": rid, "type": "error", "message": f"request is missing the field {error}",
+                       "error_type": "KeyError"})
+        except Exception as error:  # noqa: BLE001 - every failure goes back to the GUI as a message
+            traceback.print_exc(file=sys.stderr)
+            self.send({"id": rid, "type": "error", "message": str(error), "error_type": type(error).__name__})
+        else:
+            self.send(dict(result, id=rid, type="result"))
+        return True
+
+
+def _protocol_stdout():
+    """A private copy of the real stdout for protocol lines; fd 1 and sys.stdout then go to stderr."""
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    return protocol
+
+
+def main() -> int:
+    server = _Server(_protocol_stdout())
+    server.send({"id": None, "type": "ready", "pid": os.getpid()})
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            request = json.loads(line)
+        except json.JSONDecodeError as error:
+            server.send({"id": None, "type": "error", "message": f"not a JSON request: {error}",
+                         "error_type": "JSONDecodeError"})
+            continue
+        if not server.handle(request):
+            break
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- the client
+def library_parent() -> Path:
+    """The folder that holds the HeadCTMoLRELib package (goes on the worker's PYTHONPATH)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def default_python_executable() -> str:
+    """PythonSlicer inside the desktop Slicer, else this interpreter."""
+    try:
+        import slicer  # noqa: F401
+
+        home = getattr(getattr(slicer, "app", None), "slicerHome", None)
+    except ImportError:
+        home = None
+    if home:
+        for name in ("PythonSlicer", "PythonSlicer.exe"):
+            candidate = Path(home) / "bin" / name
+            if candidate.is_file():
+                return str(candidate)
+    return sys.executable
+
+
+class WorkerClient:
+    """The GUI side of the worker: start, send requests, poll messages without blocking, cancel.
+
+    Messages are dicts as documented above; stderr lines arrive as {"type": "log", "stream": "stderr"}.
+    """
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+        self.messages: "queue.Queue[dict]" = queue.Queue()
+        self._next_id = 1
+        self._threads: list[threading.Thread] = []
+
+    def start(self, python_executable: str | None = None, env: dict | None = None) -> "WorkerClient":
+        environment = dict(os.environ if env is None else env)
+        paths = [str(library_parent())] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+        environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        environment.setdefault("PYTHONUNBUFFERED", "1")
+        self.process = subprocess.Popen(
+            [python_executable or default_python_executable(), "-m", "HeadCTMoLRELib.worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment,
+            text=True, encoding="utf-8", bufsize=1)
+        for stream, reader in ((self.process.stdout, self._read_protocol), (self.process.stderr, self._read_stderr)):
+            thread = threading.Thread(target=reader, args=(stream,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _read_protocol(self, stream) -> None:
+        for line in stream:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                self.messages.put(json.loads(line))
+            except json.JSONDecodeError:
+                self.messages.put({"id": None, "type": "log", "stream": "stdout", "message": line})
+        self.messages.put({"id": None, "type": "exit", "returncode": self.process.wait() if self.process else None})
+
+    def _read_stderr(self, stream) -> None:
+        for line in stream:
+            self.messages.put({"id": None, "type": "log", "stream": "stderr", "message": line.rstrip("\n")})
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def send(self, request: dict) -> Any:
+        """Send one request (an ``id`` is added when missing); returns the id."""
+        if not self.running:
+            raise WorkerError("the worker process is not running; start it (or see its log for why it ended).")
+        request = dict(request)
+        if request.get("id") is None:
+            request["id"] = self._next_id
+            self._next_id += 1
+        self.process.stdin.write(json.dumps(request, default=_json_default) + "\n")
+        self.process.stdin.flush()
+        return request["id"]
+
+    def poll(self) -> list[dict]:
+        """Every message received since the last call; never blocks."""
+        out = []
+        while True:
+            try:
+                out.append(self.messages.get_nowait())
+            except queue.Empty:
+                return out
+
+    def wait_for(self, request_id, timeout_s: float = 600.0) -> tuple[dict, list[dict]]:
+        """Block until ``request_id`` ends (tests and batch): returns (final message, all messages seen)."""
+        seen = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                message = self.messages.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            seen.append(message)
+            if message.get("id") == request_id and message.get("type") in ("result", "error"):
+                return message, seen
+            if message.get("type") == "exit":
+                raise WorkerError(f"the worker ended (exit status {message.get('returncode')}) before answering "
+                                  f"request {request_id}; its log: " + " | ".join(
+                                      m.get("message", "") for m in seen if m.get("type") == "log")[-2000:])
+        raise WorkerError(f"no answer to request {request_id} within {timeout_s:.0f} s.")
+
+    def cancel(self, timeout_s: float = CANCEL_TIMEOUT_S) -> bool:
+        """Kill the worker and all its children; True when every process was gone within ``timeout_s``."""
+        if self.process is None:
+            return True
+        import psutil
+
+        try:
+            root = psutil.Process(self.process.pid)
+            family = root.children(recursive=True) + [root]
+        except psutil.NoSuchProcess:
+            family = []
+        for process in family:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(family, timeout=timeout_s)
+        try:
+            self.process.wait(timeout=max(0.1, timeout_s))
+        except subprocess.TimeoutExpired:
+            pass
+        return not alive
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Ask the worker to exit; kill it when it does not within ``timeout_s``."""
+        if self.running:
+            try:
+                self.send({"cmd": "shutdown"})
+                self.process.wait(timeout=timeout_s)
+            except (OSError, subprocess.TimeoutExpired, WorkerError):
+                self.cancel()
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr) if self.process else ():
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
