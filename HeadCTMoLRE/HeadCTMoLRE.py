@@ -509,12 +509,21 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         progressBar, statusLabel = self._jobWidgets
         progressBar.value = int(round(100 * float(fraction or 0.0)))
         progressBar.format = f"{stage}: %p%"
-        text = str(stage)
-        if isinstance(details, dict):  # fine-tuning reports epoch, loss and validation AUC
-            facts = [f"{key.replace('_', ' ')} {value:.4g}" if isinstance(value, float) else f"{key.replace('_', ' ')} {value}"
-                     for key, value in details.items() if key in ("epoch", "loss", "val_auc", "best_val_auc")]
-            text = f"{stage}: {', '.join(facts)}" if facts else text
-        statusLabel.text = text
+        facts = self._describeTraining(details) if isinstance(details, dict) else ""
+        statusLabel.text = f"{stage}: {facts}" if facts else str(stage)
+
+    @staticmethod
+    def _describeTraining(details: dict) -> str:
+        """'epoch 3/30, loss 0.412, validation AUC 0.71' from a fine-tuning progress message."""
+        facts = []
+        if details.get("epoch") is not None:
+            total = details.get("epochs")
+            facts.append(_("epoch {epoch}").format(epoch=f"{details['epoch']}/{total}" if total else details["epoch"]))
+        for key, label in (("loss", _("loss")), ("train_loss", _("training loss")),
+                           ("val_mean_auc", _("validation AUC")), ("best_val_mean_auc", _("best validation AUC"))):
+            if isinstance(details.get(key), (int, float)):
+                facts.append(f"{label} {details[key]:.3f}")
+        return ", ".join(facts)
 
     def _onJobError(self, message: str, errorType: str = "Error") -> None:
         logging.error(f"HeadCTMoLRE {self._jobKind} failed ({errorType}): {message}")
@@ -640,8 +649,8 @@ class HeadCTMoLRELogic(ScriptedLoadableModuleLogic, HeadCTMoLRECore):
     """
 
     def __init__(self) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        HeadCTMoLRECore.__init__(self, scene=slicer.mrmlScene)
+        ScriptedLoadableModuleLogic.__init__(self)  # its super().__init__() also reaches the core...
+        HeadCTMoLRECore.__init__(self, scene=slicer.mrmlScene)  # ...which is given the scene explicitly here
 
     def getParameterNode(self):
         return HeadCTMoLREParameterNode(super().getParameterNode())
