@@ -11,7 +11,7 @@ DICOM series sub-folders), or a CSV with a ``path`` column (optional ``case_id``
 (see ``headct-molre info``) or a bundle folder.
 
 Per case, in OUT/<case_id>/: findings.tsv, findings.json, attention.nrrd and experts.nrrd (on the input's
-grid), expert_colors.ctbl, scene.mrb (CT, overlays, colour table, findings table, plot), and axial PNG
+grid), expert_colors.csv, scene.mrb (CT, overlays, colour table, findings table, plot), and axial PNG
 snapshots through the most-attended slices. In OUT: summary.csv (cases x finding probabilities),
 failures.csv (case, input, reason). --resume skips cases whose folder is complete. Exit status 0 when every
 case succeeded, 1 when any failed, 2 for bad arguments.
@@ -117,7 +117,7 @@ def run_case(case_id: str, source: Path, out_dir: Path, model_path: Path, device
     try:
         nodes = mrml.show_prediction(scene, prediction, name=case_id)
         if nodes.expert_colors is not None:
-            write_color_table(nodes.expert_colors, out_dir / "expert_colors.ctbl")
+            write_color_table(nodes.expert_colors, out_dir / "expert_colors.csv")
         images = []
         for rank, ras_s in enumerate(most_attended_positions(prediction, snapshots), start=1):
             png = out_dir / f"snapshot_{rank:02d}_S{ras_s:+.1f}mm.png"

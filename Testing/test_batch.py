@@ -1,0 +1,83 @@
+"""scripts/headct_batch.py under plain Python with slicer-core: per-case outputs, summary, failures, resume."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+pytest.importorskip("slicer")
+
+from HeadCTMoLRELib import phantom  # noqa: E402
+from HeadCTMoLRELib.selftest import make_tiny_bundle  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "headct_batch.py"
+
+
+@pytest.fixture(scope="module")
+def batch_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    bundle = make_tiny_bundle(root / "tiny")
+    cases = root / "cases"
+    cases.mkdir()
+    sitk.WriteImage(phantom.generate_phantom([], seed=11).image, str(cases / "good.nii.gz"))
+    (cases / "broken.nrrd").write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 64 64 40\nencoding: raw\n\n")
+    out = root / "out"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--input", str(cases), "--model", str(bundle),
+                             "--output", str(out), "--device", "cpu", "--snapshots", "2"],
+                            capture_output=True, text=True, timeout=300)
+    return root, bundle, cases, out, result
+
+
+def test_failed_case_gives_nonzero_exit_and_a_reason(batch_run):
+    _, _, _, out, result = batch_run
+    assert result.returncode == 1, result.stderr[-2000:]
+    rows = list(csv.DictReader(open(out / "failures.csv")))
+    assert [r["case_id"] for r in rows] == ["broken"] and "CTInputError" in rows[0]["reason"]
+    assert "[2/2]" in result.stdout
+
+
+def test_good_case_has_every_output(batch_run):
+    _, _, _, out, _ = batch_run
+    case = out / "good"
+    for name in ("findings.tsv", "findings.json", "attention.nrrd", "experts.nrrd", "expert_colors.csv",
+                 "scene.mrb", "done.json"):
+        assert (case / name).is_file(), name
+    assert len(list(case.glob("snapshot_*.png"))) == 2
+    attention, source = sitk.ReadImage(str(case / "attention.nrrd")), phantom.generate_phantom([], seed=11).image
+    assert attention.GetSize() == source.GetSize() and attention.GetOrigin() == pytest.approx(source.GetOrigin())
+    with zipfile.ZipFile(case / "scene.mrb") as archive:
+        names = archive.namelist()
+    assert any(n.endswith(".mrml") for n in names) and any("attention" in n for n in names)
+    assert "Expert 1" in (case / "expert_colors.csv").read_text()
+
+
+def test_summary_has_one_row_per_good_case_and_every_finding(batch_run):
+    _, _, _, out, _ = batch_run
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [r["case_id"] for r in rows] == ["good"]
+    assert len(rows[0]) == 2 + 75 and all(0 <= float(v) <= 1 for k, v in rows[0].items() if k not in ("case_id", "input"))
+
+
+def test_resume_skips_finished_cases_and_scene_reloads(batch_run):
+    root, bundle, cases, out, _ = batch_run
+    stamp = (out / "good" / "scene.mrb").stat().st_mtime_ns
+    result = subprocess.run([sys.executable, str(SCRIPT), "--input", str(cases / "good.nii.gz"), "--model",
+                             str(bundle), "--output", str(out), "--resume"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "skipped" in result.stdout
+    assert (out / "good" / "scene.mrb").stat().st_mtime_ns == stamp
+    from HeadCTMoLRELib import mrml
+
+    nodes = mrml.find_prediction_nodes(mrml.load_scene_mrb(out / "good" / "scene.mrb"))
+    assert nodes.ct is not None and nodes.findings_table.GetNumberOfRows() == 75
+
+
+def test_bad_arguments_exit_with_status_two(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--input", str(tmp_path / "missing"), "--model", "x",
+                             "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "no such file" in result.stderr
