@@ -419,7 +419,8 @@ def run_from_args(args) -> int:
     print(report.format_summary(evaluation))
     for warning in evaluation["warnings"]:
         print(f"warning: {warning}")
-    skipped = [f"{f['path']}: {f['reason']}" for f in evaluation["failures"]] + evaluation["csv_problems"]
+    skipped = [f["reason"] if f["reason"].startswith(f["path"]) else f"{f['path']}: {f['reason']}"
+               for f in evaluation["failures"]] + evaluation["csv_problems"]
     for line in skipped[:10]:
         print(f"skipped: {line}")
     if len(skipped) > 10:
