@@ -134,3 +134,12 @@ def test_background_job_result_shows_the_same_nodes_as_the_blocking_run(tmp_path
     assert np.allclose(slicer.util.arrayFromVolume(shown.attention), slicer.util.arrayFromVolume(blocking.attention),
                        atol=1e-6)
     assert shown.findings_table.GetCellText(0, 1) == blocking.findings_table.GetCellText(0, 1)
+
+
+def test_fine_tune_request_reaches_train_and_reports_its_refusal(client, tiny_bundle, tmp_path):
+    labels = phantom.write_phantom_dataset(tmp_path / "cases", 2, seed=1)
+    request = client.send({"cmd": "fine_tune", "cases_csv": str(labels), "start_model": str(tiny_bundle),
+                           "epochs": 1, "output": str(tmp_path / "tuned")})
+    final, _ = client.wait_for(request, timeout_s=120)
+    assert final["type"] == "error" and final["error_type"] == "TrainError" and "never been trained" in final["message"]
+    assert not (tmp_path / "tuned").exists()

@@ -305,30 +305,38 @@ class HeadCTMoLRECore:
         return mrml.select_finding(self.scene, nodes, finding_id)
 
     # ------------------------------------------------------------------------------------ fine-tuning
-    def _fine_tune_output(self, output_name: str) -> Path:
+    def _fine_tune_output(self, output_name: str) -> tuple[Path, Path]:
+        """(bundle folder, run folder) for a new fine-tuned model in the user model folder."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in output_name.strip()) or "fine-tuned"
         target = user_model_folder() / safe
-        if (target / bundle_lib.MANIFEST).exists():
+        if target.exists():
             raise FileExistsError(f"a model named {safe!r} already exists in {user_model_folder()}; choose another "
                                   "output name.")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target
+        runs = user_model_folder() / ".runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        return target, runs / safe
 
     def fine_tune(self, cases_csv, start_model_id: str, epochs: int, output_name: str,
                   progress: Callable | None = None, should_cancel: Callable | None = None) -> dict:
-        """Blocking fine-tuning into a new bundle in the user model folder; returns its model entry with
-        the training result under "result"."""
-        target = self._fine_tune_output(output_name)
+        """Blocking fine-tuning into a new bundle in the user model folder (it then appears in ``models()``).
+
+        progress(stage, fraction, details): stage cache / train / validate / done; details carry epoch,
+        loss and validation AUC. should_cancel() -> True stops at the next step (best bundle so far kept).
+        Returns the new model's entry plus "training" (status, epochs_run, best_val_mean_auc, history).
+        Raises Cancelled when cancelled before any epoch finished.
+        """
+        target, run_dir = self._fine_tune_output(output_name)
         summary = worker_lib.fine_tune_bundle(cases_csv, self.model_path(start_model_id), epochs, target,
-                                              progress=progress, should_stop=should_cancel)
-        if should_cancel and should_cancel() and not (target / bundle_lib.MANIFEST).exists():
-            raise Cancelled("fine-tuning cancelled; no bundle was written")
-        return dict(_describe_bundle(target), result=summary.get("result"))
+                                              progress=progress, should_stop=should_cancel, run_dir=run_dir)
+        if summary["bundle"] is None:
+            raise Cancelled(f"fine-tuning ended ({summary['status']}) before an epoch finished; no bundle was written")
+        return dict(_describe_bundle(target), training=summary)
 
     def start_fine_tune(self, cases_csv, start_model_id: str, epochs: int, output_name: str) -> WorkerJob:
-        target = self._fine_tune_output(output_name)
+        target, run_dir = self._fine_tune_output(output_name)
         request = {"cmd": "fine_tune", "cases_csv": str(Path(cases_csv).resolve()),
-                   "start_model": str(self.model_path(start_model_id)), "epochs": int(epochs), "output": str(target)}
+                   "start_model": str(self.model_path(start_model_id)), "epochs": int(epochs), "output": str(target),
+                   "run_dir": str(run_dir)}
         return WorkerJob(self.worker(), request, result_folder=target)
 
     def shutdown(self) -> None:

@@ -176,41 +176,47 @@ def infer_to_folder(input_path, model_path, output, device="auto", *, progress: 
             "findings": [{k: f[k] for k in ("id", "name", "probability", "positive")} for f in top]}
 
 
-def _epochs_field(config_class) -> str:
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(config_class)}
-    for candidate in ("epochs", "max_epochs", "num_epochs"):
-        if candidate in names:
-            return candidate
-    raise WorkerError(f"train.TrainConfig has no epochs field (fields: {sorted(names)}); update worker.py.")
-
-
 def fine_tune_bundle(cases_csv, start_model, epochs: int, output, *, progress: Callable | None = None,
-                     should_stop: Callable | None = None, cache_dir=None) -> dict:
-    """Fine-tune ``start_model``'s adapters on the labelled cases of ``cases_csv`` into the bundle folder
-    ``output``, through ``train.fine_tune``. progress(stage, fraction, details dict) is called per update."""
+                     should_stop: Callable | None = None, cache_dir=None, run_dir=None) -> dict:
+    """Fine-tune ``start_model``'s adapters on the labelled cases of ``cases_csv`` (train.fine_tune) and
+    copy the best bundle to the folder ``output``.
+
+    epochs: maximum epochs (the minimum before early stopping is lowered to it when smaller).
+    run_dir: train.fit's run folder (checkpoint, history); default ``output`` + ".run".
+    progress(stage, fraction, details) with stage cache / train / validate / done and fraction = share of
+    the maximum epochs. Returns {"bundle", "status", "epochs_run", "best_epoch", "best_val_mean_auc",
+    "history", "problems"}; "bundle" is None when no epoch finished (e.g. cancelled at once).
+    """
     import dataclasses
+    import shutil
 
-    from . import bundle as bundle_lib
-    from . import data, train
+    from . import train
 
-    start = bundle_lib.load_bundle(start_model)
-    cases = data.read_cases(cases_csv, start.catalog)
-    config = dataclasses.replace(train.TrainConfig(), **{_epochs_field(train.TrainConfig): int(epochs)})
+    output = Path(output)
+    run_dir = Path(run_dir) if run_dir is not None else output.with_name(output.name + ".run")
+    defaults = train.TrainConfig()
+    config = dataclasses.replace(defaults, max_epochs=int(epochs), min_epochs=min(defaults.min_epochs, int(epochs)))
 
-    def on_progress(*args, **kwargs):
+    def on_progress(details: dict):
         if progress is None:
             return
-        details = args[0] if len(args) == 1 and isinstance(args[0], dict) else {"args": [str(a) for a in args]}
-        details.update({k: v for k, v in kwargs.items()})
         epoch = details.get("epoch")
-        fraction = float(epoch) / max(int(epochs), 1) if isinstance(epoch, (int, float)) else None
-        progress("training", fraction, _jsonable(details))
+        fraction = (float(epoch) / max(int(epochs), 1)) if isinstance(epoch, (int, float)) else None
+        if details.get("stage") == "done":
+            fraction = 1.0
+        progress(str(details.get("stage", "train")), fraction, _jsonable(details))
 
-    result = train.fine_tune(cases, start, output, config, cache_dir=cache_dir, progress=on_progress,
-                             should_stop=should_stop)
-    return {"bundle": str(Path(output).resolve()), "result": _jsonable(result)}
+    result = train.fine_tune(str(cases_csv), str(start_model), run_dir, config, cache_dir=cache_dir,
+                             progress=on_progress, should_stop=should_stop)
+    bundle_path = None
+    if result.bundle_path is not None:
+        if output.exists():
+            shutil.rmtree(output)
+        shutil.copytree(result.bundle_path, output)
+        bundle_path = str(output.resolve())
+    return {"bundle": bundle_path, "status": result.status, "epochs_run": result.epochs_run,
+            "best_epoch": result.best_epoch, "best_val_mean_auc": result.best_val_mean_auc,
+            "history": _jsonable(result.history), "problems": _jsonable(result.problems)}
 
 
 def _jsonable(value):
@@ -253,7 +259,8 @@ class _Server:
                                          request.get("device", "auto"), progress=progress, log=log)
             elif cmd == "fine_tune":
                 result = fine_tune_bundle(request["cases_csv"], request["start_model"], request.get("epochs", 20),
-                                          request["output"], progress=progress, cache_dir=request.get("cache_dir"))
+                                          request["output"], progress=progress, cache_dir=request.get("cache_dir"),
+                                          run_dir=request.get("run_dir"))
             elif cmd == "sleep":
                 progress("sleeping", 0.0)
                 subprocess.run([sys.executable, "-c", f"import time; time.sleep({float(request.get('seconds', 60))})"],
