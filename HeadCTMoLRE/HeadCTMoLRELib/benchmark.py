@@ -127,6 +127,7 @@ def benchmark_size(
     repeats: int = 5,
     compile_model: bool = False,
     profile: bool = False,
+    compile_mode: str = "max-autotune",
     log: Callable[[str], None] = print,
 ) -> dict:
     import torch
@@ -184,7 +185,8 @@ def benchmark_size(
             del graphed
     if compile_model:
         log(f"[{size}] torch.compile forward (compiling...)")
-        compiled = torch.compile(classifier, mode="reduce-overhead" if torch_device.type == "cuda" else "default")
+        compiled = torch.compile(classifier, mode=compile_mode if torch_device.type == "cuda" else "default")
+        result["compile_mode"] = compile_mode
         t0 = time.perf_counter()
         forward(compiled)()
         _sync(torch_device)
@@ -282,6 +284,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of the best CUDA mode")
+    parser.add_argument("--compile-mode", default="max-autotune",
+                        help="torch.compile mode on CUDA (max-autotune, reduce-overhead, default)")
     parser.add_argument("--json", help="also write the full report as JSON to this file")
 
 
@@ -293,7 +297,7 @@ def run_from_args(args) -> int:
         [s.strip() for s in args.sizes.split(",") if s.strip()],
         family=args.family, device=args.device, precision=args.precision, source=source,
         num_slices=args.slices, image_size=args.image_size, repeats=args.repeats, compile_model=args.compile,
-        profile=args.profile,
+        profile=args.profile, compile_mode=args.compile_mode,
     )
     print(format_report(report))
     for entry in report["results"]:

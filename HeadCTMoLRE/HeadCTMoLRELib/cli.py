@@ -177,6 +177,13 @@ def _cmd_infer(args) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------------- evaluate
+def _cmd_evaluate(args) -> int:
+    from . import evaluate
+
+    return evaluate.run_from_args(args)
+
+
 # -------------------------------------------------------------------------------------------- benchmark
 def _cmd_benchmark(args) -> int:
     from . import benchmark
@@ -251,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=15, help="rows to print (default 15)")
     p.add_argument("--all", action="store_true", help="print all findings")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+
+    p = add("evaluate", _cmd_evaluate,
+            "Evaluate a model bundle on labelled cases: AUCs with CIs, calibration, plots, model card.")
+    from .evaluate import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(p)
 
     p = add("benchmark", _cmd_benchmark, "Time each stage, count FLOPs and memory for tiny/small/base models.")
     from .benchmark import add_arguments as add_benchmark_arguments
