@@ -22,16 +22,9 @@ EXIT_REFUSED = 2
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=_json_default))
+    from .outputs import json_default
 
-
-def _json_default(value):
-    # numpy scalars/arrays and paths appear in reports; everything else is a bug worth seeing.
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+    print(json.dumps(obj, indent=2, default=json_default))
 
 
 # --------------------------------------------------------------------------------------------- validate

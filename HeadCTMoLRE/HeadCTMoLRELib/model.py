@@ -275,23 +275,26 @@ def trainable_state_dict(model: HeadCTClassifier) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_fits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], strict: bool, what: str, hint: str) -> None:
+    """Raise KeyError (names) or ValueError (shapes) naming the offending keys, before anything is copied."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if strict and (missing or unexpected):
+        raise KeyError(f"{what} do not fit {hint}: missing {_short(missing)}, unexpected {_short(unexpected)}.")
+    wrong_shape = [
+        f"{name}: file {tuple(state[name].shape)} vs model {tuple(expected[name].shape)}"
+        for name in sorted(set(expected) & set(state))
+        if tuple(state[name].shape) != tuple(expected[name].shape)
+    ]
+    if wrong_shape:
+        raise ValueError(f"{what} have the wrong shape: {_short(wrong_shape)}.")
+
+
 def load_trainable_state_dict(model: HeadCTClassifier, state: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Load weights saved by `trainable_state_dict`; with strict, the key sets must match exactly."""
     targets = {name: p for name, p in model.named_parameters() if p.requires_grad}
     targets.update(_adapter_buffers(model))
-    missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
-    if strict and (missing or unexpected):
-        raise KeyError(
-            "Adapter weights do not fit this model (different backbone, LoRA targets, MoLRE or findings?): "
-            f"missing {_short(missing)}, unexpected {_short(unexpected)}."
-        )
-    wrong_shape = [
-        f"{name}: file {tuple(state[name].shape)} vs model {tuple(targets[name].shape)}"
-        for name in sorted(set(targets) & set(state))
-        if tuple(state[name].shape) != tuple(targets[name].shape)
-    ]
-    if wrong_shape:
-        raise ValueError(f"Adapter weights have the wrong shape: {_short(wrong_shape)}.")
+    _check_fits(targets, state, strict, "Adapter weights",
+                "this model (different backbone, LoRA targets, MoLRE or findings?)")
     with torch.no_grad():
         for name in set(targets) & set(state):
             targets[name].copy_(state[name])
@@ -305,19 +308,8 @@ def full_state_dict(model: HeadCTClassifier) -> dict[str, torch.Tensor]:
 def load_full_state_dict(model: HeadCTClassifier, state: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Load weights saved by `full_state_dict`; names and shapes are checked before anything is copied."""
     expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if strict and (missing or unexpected):
-        raise KeyError(
-            "Model weights do not fit this architecture (different backbone family/size, LoRA, MoLRE or "
-            f"findings?): missing {_short(missing)}, unexpected {_short(unexpected)}."
-        )
-    wrong_shape = [
-        f"{name}: file {tuple(state[name].shape)} vs model {tuple(expected[name].shape)}"
-        for name in sorted(set(expected) & set(state))
-        if tuple(state[name].shape) != tuple(expected[name].shape)
-    ]
-    if wrong_shape:
-        raise ValueError(f"Model weights have the wrong shape: {_short(wrong_shape)}.")
+    _check_fits(expected, state, strict, "Model weights",
+                "this architecture (different backbone family/size, LoRA, MoLRE or findings?)")
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 

@@ -25,6 +25,15 @@ EXPERTS_NRRD = "experts.nrrd"
 TSV_COLUMNS = ("id", "name", "category", "probability", "threshold", "positive", "top_slice", "top_slice_position_mm")
 
 
+def json_default(value):
+    """`json.dumps(default=...)` for result objects: numpy arrays/scalars and paths; anything else is a bug."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
 def write_findings_tsv(findings: list[dict], path: Path) -> Path:
     rows = sorted(findings, key=lambda f: f["probability"], reverse=True)
     with open(path, "w", newline="", encoding="utf-8") as handle:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from .outputs import json_default
 
 RESULT_JSON = "prediction_maps.json"
 HEAD_MASK_NRRD = "head_mask.nrrd"
@@ -88,18 +89,10 @@ def write_result(prediction, folder: str | os.PathLike, *, input_path: str | os.
         "timings_s": prediction.timings_s, "provenance": prediction.provenance,
         "warnings": list(prediction.warnings),
     }
-    (folder / RESULT_JSON).write_text(json.dumps(record, default=_json_default) + "\n", encoding="utf-8")
+    (folder / RESULT_JSON).write_text(json.dumps(record, default=json_default) + "\n", encoding="utf-8")
     paths.update(prediction_maps=str(folder / RESULT_JSON), head_mask=str(folder / HEAD_MASK_NRRD),
                  input=str(input_path))
     return paths
-
-
-def _json_default(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 def read_result(folder: str | os.PathLike, volume=None):
@@ -230,7 +223,7 @@ class _Server:
         self.lock = threading.Lock()
 
     def send(self, message: dict) -> None:
-        line = json.dumps(message, default=_json_default)
+        line = json.dumps(message, default=json_default)
         with self.lock:
             self.out.write(line + "\n")
             self.out.flush()
@@ -382,7 +375,7 @@ class WorkerClient:
         if request.get("id") is None:
             request["id"] = self._next_id
             self._next_id += 1
-        self.process.stdin.write(json.dumps(request, default=_json_default) + "\n")
+        self.process.stdin.write(json.dumps(request, default=json_default) + "\n")
         self.process.stdin.flush()
         return request["id"]
 
