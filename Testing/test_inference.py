@@ -242,3 +242,35 @@ def test_static_shape_path_for_cuda_graphs_gives_the_same_outputs(tiny_bundle, m
         static = classifier(pixels, mask)
     for name in ("logits", "attention", "router_weights", "contributions"):
         torch.testing.assert_close(getattr(static, name), getattr(dynamic, name), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_dinov3_attention_gives_the_trained_models_outputs():
+    """One QKV GEMM and copy-free rotary embedding compute the same function as transformers' attention."""
+    import copy
+
+    from bundle_fixtures import make_classifier
+    from HeadCTMoLRELib.fused_attention import FusedRotaryAttention, fuse_dinov3_attention
+
+    classifier, _ = make_classifier(image_size=64)  # tiny dinov3 with random LoRA/MoLRE weights
+    merged = copy.deepcopy(classifier)
+    inference.merge_lora_for_inference(merged)
+    fused = copy.deepcopy(merged)
+    assert fuse_dinov3_attention(fused) == 2  # one per layer of the tiny backbone
+    assert any(isinstance(m, FusedRotaryAttention) for m in fused.modules())
+    torch.manual_seed(3)
+    pixels = torch.rand(2, 5, 3, 64, 64)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    with torch.no_grad():
+        reference = classifier(pixels, mask)
+        result = fused(pixels, mask)
+    for name in ("logits", "attention", "router_weights", "contributions"):
+        torch.testing.assert_close(getattr(result, name), getattr(reference, name), atol=2e-5, rtol=2e-5)
+
+
+def test_fusing_before_merging_is_refused():
+    from bundle_fixtures import make_classifier
+    from HeadCTMoLRELib.fused_attention import fuse_dinov3_attention
+
+    classifier, _ = make_classifier()
+    with pytest.raises(ValueError, match="after merging LoRA"):
+        fuse_dinov3_attention(classifier)

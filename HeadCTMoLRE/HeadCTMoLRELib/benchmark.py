@@ -2,8 +2,9 @@
 
 For each backbone size (random weights, DINOv3 ViT family by default) it reports:
 - forward: the classifier on one volume (1 x S x 3 x H x W) already on the device, in each execution
-  mode: ``eager`` (peft LoRA layers as trained), ``merged`` (LoRA folded into the frozen weights, as
-  inference uses), ``graph`` (merged + one CUDA graph replay, CUDA only) and ``compiled``
+  mode: ``eager`` (peft LoRA layers as trained), ``merged`` (LoRA folded into the frozen weights),
+  ``fused`` (merged + fused DINOv3 attention, as inference uses), ``graph`` (fused + one CUDA graph
+  replay, CUDA only), ``graph_bf16_weights`` (the same with bf16 backbone weights) and ``compiled``
   (torch.compile, opt-in with --compile since compiling takes minutes);
 - end to end: `inference.predict` from the image file on disk (read, preprocess, forward, total) with
   the model already loaded, as a user's second and later cases run;
@@ -133,6 +134,7 @@ def benchmark_size(
     import torch
 
     from . import backbones, bundle, findings, inference, model, preprocess
+    from .fused_attention import fuse_dinov3_attention
 
     torch_device = inference.select_device(device)
     chosen = inference.select_precision(torch_device, precision)
@@ -169,6 +171,9 @@ def benchmark_size(
     inference.merge_lora_for_inference(classifier)
     log(f"[{size}] merged forward")
     forward_s["merged"] = _median_time(forward(classifier), torch_device, cpu_repeats if cpu else repeats, warmup=1 if cpu else 3)
+    if fuse_dinov3_attention(classifier):
+        log(f"[{size}] merged + fused attention forward")
+        forward_s["fused"] = _median_time(forward(classifier), torch_device, cpu_repeats if cpu else repeats, warmup=1 if cpu else 3)
     if torch_device.type == "cuda":
         log(f"[{size}] CUDA graph forward")
         graphed = _GraphedForward(classifier, pixels, slice_mask, torch_device, chosen)

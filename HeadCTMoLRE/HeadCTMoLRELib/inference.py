@@ -143,15 +143,14 @@ _MODEL_CACHE: "OrderedDict[tuple, Any]" = OrderedDict()
 _MODEL_CACHE_SIZE = 2
 
 
-def cached_model(bundle: Bundle, device, *, backbone_folder=None):
-    """The bundle's classifier on ``device`` in eval mode; built once, then reused."""
-    key = (str(bundle.path), bundle.fingerprint, str(device), str(backbone_folder or ""))
+def cached_model(bundle: Bundle, device, precision: str = "fp32", *, backbone_folder=None):
+    """The bundle's classifier on ``device``, optimised for inference; built once, then reused."""
+    key = (str(bundle.path), bundle.fingerprint, str(device), precision, str(backbone_folder or ""))
     if key in _MODEL_CACHE:
         _MODEL_CACHE.move_to_end(key)
         return _MODEL_CACHE[key]
     classifier = build_model(bundle, backbone_folder=backbone_folder)
-    merge_lora_for_inference(classifier)
-    classifier.to(device).eval()
+    optimize_for_inference(classifier, device, precision)
     _MODEL_CACHE[key] = classifier
     while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
         _MODEL_CACHE.popitem(last=False)
@@ -173,6 +172,20 @@ def merge_lora_for_inference(classifier) -> int:
             module.merge()
             merged += 1
     return merged
+
+
+def optimize_for_inference(classifier, device, precision: str) -> None:
+    """Make an inference-only model fast, in place: LoRA merged into the weights, DINOv3 attention fused
+    (one QKV GEMM, rotary embedding without copies), and on GPUs the backbone's weights stored in the
+    autocast dtype. The outputs are those of the trained model (to float rounding). Never train or save
+    a model after this."""
+    from .fused_attention import fuse_dinov3_attention
+
+    merge_lora_for_inference(classifier)
+    fuse_dinov3_attention(classifier)
+    classifier.to(device).eval()
+    if device.type == "cuda":
+        cast_encoder_for_inference(classifier, precision)
 
 
 def cast_encoder_for_inference(classifier, precision: str) -> None:
@@ -335,7 +348,7 @@ def run_model(classifier, stack, device, precision: str, *, chunk_size=None, log
                 log(notes[-1])
             device = torch.device("cpu")
             precision = select_precision(device)
-            classifier = classifier.to(device)
+            classifier = classifier.to(device).float()  # GPU models keep bf16 weights; the CPU path wants fp32
             chunk_size = _CPU_DEFAULT_CHUNK
     result = {
         "logits": output.logits.float().cpu().numpy()[0],
@@ -375,7 +388,7 @@ def predict(
     the_bundle = _as_bundle(bundle)
     torch_device = select_device(device)
     chosen_precision = select_precision(torch_device, precision)
-    classifier = cached_model(the_bundle, torch_device, backbone_folder=backbone_folder)
+    classifier = cached_model(the_bundle, torch_device, chosen_precision, backbone_folder=backbone_folder)
     timings["model"] = time.perf_counter() - start
 
     t0 = time.perf_counter()
