@@ -58,7 +58,8 @@ It shows the probabilities in a table, the per-slice attention as a heat overlay
 expert per slice as a label map, and for a selected finding the slices that contributed most to it.
 Fine-tuning on your own labelled cases is in the Fine-tuning section.
 <p><b>Research use only. Not a medical device; not for clinical decisions.</b></p>
-<p>Method: Mixture of Low-Rank Experts for head CT (MoLRE); see the project README for the reference.</p>
+<p>Method: Y. Yoo et al., <i>Specializing Foundation Models via Mixture of Low-Rank Experts for Comprehensive
+Head CT Analysis</i>, arXiv:2603.00675 (2026).</p>
 <p>Documentation: <a href="https://github.com/HeadCTMoLRE/HeadCTMoLRE/blob/main/docs/slicer.md">docs/slicer.md</a>.</p>
 """)
         self.parent.acknowledgementText = _("""
