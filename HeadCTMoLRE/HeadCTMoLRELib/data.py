@@ -1,0 +1,561 @@
+"""Labelled cases, the preprocessing cache, and batch prediction over many cases.
+
+Cases CSV (one row per scan)::
+
+    path,split,epidural_hematoma,subdural_hematoma,...
+    scans/case_0001.nii.gz,train,1,0,...
+    dicom/patient_07,val,0,,...
+
+``path``: an image file (NIfTI/NRRD/MHA) or a DICOM folder; relative paths are resolved against the
+CSV's folder. ``split`` (optional): train, val (or validation) or test. One column per finding id of
+the catalog: ``1`` positive, ``0`` negative, blank (or NA, ?) unknown. Unknown labels are NaN and are
+masked out of the loss and of AUCs. A finding of the catalog without a column is unknown for every case;
+a column that is not a finding id is reported and ignored. Rows that cannot be used (no such file, a
+label that is not 0/1/blank, an unknown split) are reported in ``CaseTable.problems`` and skipped.
+Phantom datasets written by ``phantom.write_phantom_dataset`` (labels.csv) read as they are.
+
+Preprocessing cache: a case's slice stack is stored under
+``sha256(format version, sha256 of the input's bytes, PreprocessConfig)`` in a safetensors file
+(``pixels`` uint8 (S, 3, H, W) = round(255 * window value), ``slice_valid`` uint8 (S,); warnings in the
+metadata). The window values lose at most 1/510 of a window (0.16 HU in the brain window), well under
+CT noise. Default folder ``~/.cache/headct-molre/stacks``; ``HEADCT_MOLRE_CACHE`` or an argument
+overrides it. Only safetensors and JSON are read back, never pickle.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+CACHE_FORMAT_VERSION = 1
+CACHE_ENV = "HEADCT_MOLRE_CACHE"
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test"}
+_UNKNOWN_TEXT = {"", "na", "nan", "n/a", "?", "unknown", "-"}
+_POSITIVE_TEXT = {"1", "1.0", "true", "yes"}
+_NEGATIVE_TEXT = {"0", "0.0", "false", "no"}
+
+
+class CaseTableError(ValueError):
+    """A cases CSV that cannot be used at all; the message names the file and what to fix."""
+
+
+# ------------------------------------------------------------------------------------------------ cases
+@dataclass
+class Case:
+    """One labelled scan: ``path`` (file or DICOM folder, absolute), ``labels`` float32 (C,) in catalog
+    order with 1/0/NaN (unknown), ``split`` ("train", "val", "test" or None when the CSV has no split
+    column) and ``row`` (1-based line number in the CSV, header = line 1)."""
+
+    path: Path
+    labels: np.ndarray
+    split: str | None = None
+    row: int = 0
+
+
+@dataclass
+class CaseTable:
+    """The usable cases of a CSV and what was wrong with the rest.
+
+    ``catalog``: the FindingCatalog the labels follow; ``problems``: human-readable strings
+    ("file, row N: what"); ``finding_columns``: catalog ids that had a column; ``missing_findings``:
+    catalog ids without one (all unknown); ``ignored_columns``: columns that are no finding id;
+    ``has_split``: the CSV had a split column; ``synthetic``: the CSV is a phantom dataset (its
+    ``metadata.json`` from ``phantom.write_phantom_dataset`` lies next to it); ``csv_sha256``.
+    """
+
+    cases: list[Case]
+    catalog: Any
+    problems: list[str] = field(default_factory=list)
+    csv_path: Path | None = None
+    csv_sha256: str | None = None
+    finding_columns: tuple[str, ...] = ()
+    missing_findings: tuple[str, ...] = ()
+    ignored_columns: tuple[str, ...] = ()
+    has_split: bool = False
+    synthetic: bool = False
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def labels(self) -> np.ndarray:
+        """float32 (N, C) labels with NaN for unknown."""
+        if not self.cases:
+            return np.zeros((0, len(self.catalog)), np.float32)
+        return np.stack([case.labels for case in self.cases])
+
+    def subset(self, cases: Sequence[Case]) -> "CaseTable":
+        return CaseTable(cases=list(cases), catalog=self.catalog, problems=[], csv_path=self.csv_path,
+                         csv_sha256=self.csv_sha256, finding_columns=self.finding_columns,
+                         missing_findings=self.missing_findings, ignored_columns=self.ignored_columns,
+                         has_split=self.has_split, synthetic=self.synthetic)
+
+    def split(self, name: str) -> "CaseTable":
+        return self.subset([case for case in self.cases if case.split == name])
+
+    def counts(self) -> dict:
+        """JSON-able summary: cases per split, positives / negatives / unknown per finding."""
+        labels = self.labels()
+        splits: dict[str, int] = {}
+        for case in self.cases:
+            splits[case.split or "unassigned"] = splits.get(case.split or "unassigned", 0) + 1
+        return {
+            "cases": len(self.cases),
+            "splits": splits,
+            "positives": {fid: int(np.nansum(labels[:, i] == 1)) for i, fid in enumerate(self.catalog.ids)},
+            "known_labels": int(np.isfinite(labels).sum()),
+            "unknown_labels": int(np.isnan(labels).sum()),
+        }
+
+
+def _sha256_bytes_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _parse_label(text: str) -> float | None:
+    """'1' -> 1.0, '0' -> 0.0, blank/NA -> NaN, anything else -> None (a problem)."""
+    value = (text or "").strip().lower()
+    if value in _POSITIVE_TEXT:
+        return 1.0
+    if value in _NEGATIVE_TEXT:
+        return 0.0
+    if value in _UNKNOWN_TEXT:
+        return math.nan
+    return None
+
+
+def is_phantom_dataset(csv_path: str | os.PathLike) -> bool:
+    """True when ``csv_path`` sits next to the ``metadata.json`` that ``phantom.write_phantom_dataset``
+    writes (a list of per-case dicts with the drawn findings and seeds)."""
+    metadata = Path(csv_path).with_name("metadata.json")
+    if not metadata.is_file():
+        return False
+    try:
+        entries = json.loads(metadata.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(entries, list) and bool(entries) and all(
+        isinstance(e, dict) and "findings_drawn" in e and "seed" in e for e in entries)
+
+
+def read_cases(csv_path: str | os.PathLike, catalog) -> CaseTable:
+    """Read a cases CSV (see the module docstring) against ``catalog`` (a findings.FindingCatalog).
+
+    Returns a CaseTable whose ``cases`` are the usable rows and whose ``problems`` list every row or
+    column that was skipped or ignored. Raises CaseTableError when the file cannot be used at all (no
+    such file, no ``path`` column, duplicate columns, no column naming a finding of the catalog).
+    """
+    csv_path = Path(csv_path).expanduser().resolve()
+    if not csv_path.is_file():
+        raise CaseTableError(f"{csv_path}: no such cases CSV. Give a CSV with a 'path' column and one column "
+                             "per finding id (1, 0 or blank).")
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = [name.strip() for name in next(reader, [])]
+        rows = list(reader)
+    _check_header(csv_path, header, catalog)
+    columns = {name: index for index, name in enumerate(header)}
+    finding_columns = tuple(fid for fid in catalog.ids if fid in columns)
+    ignored = tuple(name for name in header if name not in ("path", "split") and name not in catalog)
+    problems = [f"{csv_path.name}: column '{name}' is not a finding of the catalog; ignored" for name in ignored]
+    missing = tuple(fid for fid in catalog.ids if fid not in columns)
+    if missing:
+        problems.append(f"{csv_path.name}: {len(missing)} finding(s) of the catalog have no column and are "
+                        f"unknown for every case (e.g. {', '.join(missing[:5])})")
+    cases = []
+    for line, row in enumerate(rows, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        case, problem = _parse_row(csv_path, line, row, columns, catalog, "split" in columns)
+        if problem:
+            problems.append(problem)
+        if case is not None:
+            cases.append(case)
+    return CaseTable(cases=cases, catalog=catalog, problems=problems, csv_path=csv_path,
+                     csv_sha256=_sha256_bytes_of(csv_path), finding_columns=finding_columns,
+                     missing_findings=missing, ignored_columns=ignored, has_split="split" in columns,
+                     synthetic=is_phantom_dataset(csv_path))
+
+
+def _check_header(csv_path: Path, header: list[str], catalog) -> None:
+    if "path" not in header:
+        raise CaseTableError(f"{csv_path}: no 'path' column (header: {', '.join(header[:8]) or 'empty'}). The "
+                             "first row must name the columns: path, optional split, then finding ids.")
+    duplicated = sorted({name for name in header if header.count(name) > 1})
+    if duplicated:
+        raise CaseTableError(f"{csv_path}: duplicate column(s) {', '.join(duplicated)}; each column once.")
+    if not any(fid in header for fid in catalog.ids):
+        raise CaseTableError(f"{csv_path}: no column names a finding of the model's catalog (e.g. "
+                             f"{', '.join(catalog.ids[:3])}); nothing to learn from. Check the finding ids.")
+
+
+def _parse_row(csv_path: Path, line: int, row: list[str], columns: dict, catalog,
+               has_split: bool) -> tuple[Case | None, str | None]:
+    where = f"{csv_path.name}, row {line}"
+    cell = lambda name: row[columns[name]].strip() if columns[name] < len(row) else ""  # noqa: E731
+    raw_path = cell("path")
+    if not raw_path:
+        return None, f"{where}: empty path; row skipped"
+    path = Path(raw_path).expanduser()
+    path = path if path.is_absolute() else (csv_path.parent / path)
+    if not path.exists():
+        return None, f"{where}: {path} does not exist; row skipped"
+    split = None
+    if has_split:
+        split = _SPLIT_ALIASES.get(cell("split").lower())
+        if split is None:
+            return None, f"{where}: split '{cell('split')}' is not train, val or test; row skipped"
+    labels = np.full(len(catalog), np.nan, np.float32)
+    for index, fid in enumerate(catalog.ids):
+        if fid not in columns:
+            continue
+        value = _parse_label(cell(fid))
+        if value is None:
+            return None, f"{where}: label '{cell(fid)}' for {fid} is not 1, 0 or blank; row skipped"
+        labels[index] = value
+    return Case(path=path.resolve(), labels=labels, split=split, row=line), None
+
+
+def assign_splits(table: CaseTable, val_fraction: float, seed: int) -> CaseTable:
+    """Cases without a split get "train" or "val", seeded and roughly stratified: cases are grouped by
+    their rarest positive finding (or "no positive"), and each group gives round(val_fraction * n) of its
+    cases (at least one from groups of 2 or more when val_fraction > 0) to validation. Cases that already
+    have a split keep it. Returns a new CaseTable."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    labels = table.labels()
+    with np.errstate(invalid="ignore"):
+        known = np.isfinite(labels).sum(axis=0)
+        prevalence = np.where(known > 0, np.nansum(labels, axis=0) / np.maximum(known, 1), 0.0)
+    groups: dict[int, list[int]] = {}
+    for index, case in enumerate(table.cases):
+        if case.split is not None:
+            continue
+        positives = np.flatnonzero(case.labels == 1)
+        key = int(positives[np.argmin(prevalence[positives])]) if len(positives) else -1
+        groups.setdefault(key, []).append(index)
+    rng = np.random.default_rng([int(seed), 7])
+    to_val: set[int] = set()
+    for key in sorted(groups):
+        members = list(groups[key])
+        rng.shuffle(members)
+        count = int(round(val_fraction * len(members)))
+        if val_fraction > 0 and count == 0 and len(members) >= 2:
+            count = 1
+        to_val.update(members[:count])
+    cases = [Case(case.path, case.labels, case.split or ("val" if i in to_val else "train"), case.row)
+             for i, case in enumerate(table.cases)]
+    result = table.subset(cases)
+    result.problems = list(table.problems)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def default_cache_dir() -> Path:
+    """``$HEADCT_MOLRE_CACHE`` if set, else ``~/.cache/headct-molre/stacks``."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "headct-molre" / "stacks"
+
+
+_HASH_MEMO: dict[tuple, str] = {}  # (path, sizes and mtimes) -> sha256, so repeated builds in a process skip reading
+
+
+def input_sha256(path: str | os.PathLike) -> str:
+    """sha256 of an input's bytes: a file's content, or for a folder every file below it in sorted
+    relative-path order (name and content), so a DICOM series hashes the same wherever it is copied.
+    Within one process the result is remembered while the files' sizes and modification times stay."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted((p for p in path.rglob("*") if p.is_file()),
+                                                 key=lambda p: p.relative_to(path).as_posix())
+    signature = (str(path.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if signature in _HASH_MEMO:
+        return _HASH_MEMO[signature]
+    if path.is_file():
+        result = _sha256_bytes_of(path)
+    else:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
+            digest.update(bytes.fromhex(_sha256_bytes_of(file)))
+        result = digest.hexdigest()
+    _HASH_MEMO[signature] = result
+    return result
+
+
+def cache_key(input_hash: str, preprocessing) -> str:
+    """The cache file name (hex sha256) for an input hash and a PreprocessConfig."""
+    text = json.dumps({"format": CACHE_FORMAT_VERSION, "input": input_hash,
+                       "preprocessing": preprocessing.to_dict()}, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class CachedStack:
+    """A slice stack read back from the cache: ``pixels`` uint8 (S, 3, H, W) (window value * 255; slice
+    inferior -> superior, row anterior -> posterior, column right -> left), ``slice_valid`` bool (S,)."""
+
+    pixels: np.ndarray
+    slice_valid: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+
+
+def write_cached_stack(path: Path, stack, source: str) -> None:
+    """Store a preprocess.SliceStack at ``path`` (safetensors), atomically (temp file + rename)."""
+    from safetensors.numpy import save_file
+
+    tensors = {
+        "pixels": np.ascontiguousarray(np.round(np.clip(stack.pixels, 0.0, 1.0) * 255.0).astype(np.uint8)),
+        "slice_valid": np.ascontiguousarray(np.asarray(stack.slice_valid, dtype=np.uint8)),
+    }
+    metadata = {"format": f"headct-molre-stack-{CACHE_FORMAT_VERSION}", "source": source,
+                "warnings": json.dumps(list(stack.warnings))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_cached_stack(path: str | os.PathLike) -> CachedStack:
+    """Read a stack written by ``write_cached_stack`` (safetensors only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = handle.metadata() or {}
+        pixels = handle.get_tensor("pixels")
+        slice_valid = handle.get_tensor("slice_valid").astype(bool)
+    return CachedStack(pixels=pixels, slice_valid=slice_valid, warnings=json.loads(metadata.get("warnings", "[]")))
+
+
+def _cache_one(source: str, preprocessing_dict: dict, cache_dir: str) -> tuple[str, str | None, bool, str | None]:
+    """Worker: (source) -> (source, cache file or None, was_cached, error or None). Never raises for a
+    bad input; the error text names the file and the problem."""
+    from .preprocess import PreprocessConfig, preprocess
+
+    try:
+        config = PreprocessConfig.from_dict(preprocessing_dict)
+        target = Path(cache_dir) / f"{cache_key(input_sha256(source), config)}.safetensors"
+        if target.is_file():
+            return source, str(target), True, None
+        from .ctio import load_ct
+
+        stack = preprocess(load_ct(source), config)
+        if not stack.slice_valid.any():
+            return source, None, False, f"{source}: no slice of the head frame lies inside the scan; skipped"
+        write_cached_stack(target, stack, source)
+        return source, str(target), False, None
+    except (ValueError, OSError, RuntimeError, MemoryError) as error:  # CTInputError is a ValueError
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return source, None, False, text if source in text else f"{source}: {text}"
+
+
+def _worker_init() -> None:
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # the pool provides the parallelism
+
+
+@dataclass
+class CacheResult:
+    """``files``: source path -> cache file (for the cases that worked); ``failures``: (path, reason);
+    ``reused``: how many were already cached; ``seconds``: wall time."""
+
+    files: dict[str, Path]
+    failures: list[tuple[str, str]]
+    reused: int = 0
+    seconds: float = 0.0
+
+
+def build_cache(sources: Iterable[str | os.PathLike | Case], preprocessing, *, cache_dir=None,
+                workers: int | None = None, progress: Callable[[dict], None] | None = None) -> CacheResult:
+    """Preprocess every source (file or DICOM folder) into the cache, in parallel, skipping bad inputs.
+
+    ``workers``: processes (default min(4, CPU count)); 0 or 1 runs in this process. ``progress``
+    receives {"stage": "cache", "done", "total", "path"} after each case. Cases already cached cost a
+    hash of their bytes. Returns a CacheResult; a bad case is in ``failures``, never raised.
+    """
+    start = time.perf_counter()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    unique = list(dict.fromkeys(str(getattr(s, "path", s)) for s in sources))
+    workers = min(4, os.cpu_count() or 1) if workers is None else int(workers)
+    args = (preprocessing.to_dict(), str(cache_dir))
+    result = CacheResult(files={}, failures=[])
+
+    def record(outcome):
+        source, file, cached, error = outcome
+        if file:
+            result.files[source] = Path(file)
+            result.reused += int(cached)
+        else:
+            result.failures.append((source, error or "unknown error"))
+        if progress:
+            progress({"stage": "cache", "done": len(result.files) + len(result.failures), "total": len(unique),
+                      "path": source})
+
+    if workers <= 1 or len(unique) <= 1:
+        for source in unique:
+            record(_cache_one(source, *args))
+    else:
+        broken = _build_in_pool(unique, args, workers, record)
+        if broken:  # the pool never worked (e.g. a script without `if __name__ == "__main__":`): go serial
+            for source in broken:
+                record(_cache_one(source, *args))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _build_in_pool(sources: list[str], args: tuple, workers: int, record) -> list[str]:
+    """Run `_cache_one` over ``sources`` in a spawn process pool, passing outcomes to ``record``.
+    Returns the sources to redo in this process when the pool broke before finishing any case."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    finished, broken = 0, []
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(sources)), mp_context=context,
+                                                initializer=_worker_init) as pool:
+        futures = {pool.submit(_cache_one, source, *args): source for source in sources}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                outcome = future.result()
+            except concurrent.futures.process.BrokenProcessPool as error:
+                if finished == 0:
+                    broken.append(futures[future])
+                    continue
+                outcome = (futures[future], None, False, f"{futures[future]}: preprocessing crashed ({error})")
+            finished += 1
+            record(outcome)
+    return broken
+
+
+def stack_batch(files: Sequence[Path]):
+    """Read cached stacks -> (pixels uint8 torch (B, S, 3, H, W), slice_valid bool torch (B, S))."""
+    import torch
+
+    stacks = [read_cached_stack(f) for f in files]
+    pixels = torch.from_numpy(np.stack([s.pixels for s in stacks]))
+    valid = torch.from_numpy(np.stack([s.slice_valid for s in stacks]))
+    return pixels, valid
+
+
+# ------------------------------------------------------------------------------------------ predictions
+@dataclass
+class CasePredictions:
+    """Model outputs over many cases (N = cases that worked, C = findings in catalog order).
+
+    ``logits``: float64 (N, C) raw model logits, BEFORE the bundle's temperature;
+    ``probabilities``: float64 (N, C) = sigmoid(logits / temperature) (what `infer` reports);
+    ``labels``: float32 (N, C) 1/0/NaN; ``paths``: N input paths; ``splits``: N splits (or None);
+    ``failures``: (path, reason) for cases skipped; ``temperature``; ``catalog``.
+    """
+
+    probabilities: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    failures: list[tuple[str, str]]
+    catalog: Any = None
+    temperature: float = 1.0
+    splits: list[str | None] = field(default_factory=list)
+
+
+def _as_cases(cases, catalog) -> list[Case]:
+    """CaseTable / list of Case / list of paths -> list of Case with labels in ``catalog`` order."""
+    if isinstance(cases, (str, os.PathLike)):
+        cases = read_cases(cases, catalog)
+    table_catalog = getattr(cases, "catalog", None)
+    items = list(getattr(cases, "cases", cases))
+    result = []
+    for item in items:
+        if not isinstance(item, Case):
+            result.append(Case(Path(item), np.full(len(catalog), np.nan, np.float32)))
+        elif table_catalog is not None and tuple(table_catalog.ids) != tuple(catalog.ids):
+            old = {fid: i for i, fid in enumerate(table_catalog.ids)}
+            labels = np.array([item.labels[old[fid]] if fid in old else np.nan for fid in catalog.ids], np.float32)
+            result.append(Case(item.path, labels, item.split, item.row))
+        else:
+            result.append(item)
+    return result
+
+
+def _resolve_model(bundle_or_model, preprocessing):
+    """-> (classifier, catalog, preprocessing, temperature)."""
+    from .bundle import Bundle, build_model, load_bundle
+
+    if isinstance(bundle_or_model, (str, os.PathLike, Bundle)):
+        bundle = bundle_or_model if isinstance(bundle_or_model, Bundle) else load_bundle(bundle_or_model)
+        return build_model(bundle), bundle.catalog, preprocessing or bundle.preprocessing, bundle.temperature
+    model = getattr(bundle_or_model, "module", bundle_or_model)  # DistributedDataParallel
+    if preprocessing is None:
+        raise ValueError("predict_cases with a model (not a bundle) needs preprocessing=PreprocessConfig(...).")
+    return model, getattr(model, "catalog", None), preprocessing, 1.0
+
+
+def predict_cases(bundle_or_model, cases, *, preprocessing=None, cache_dir=None, device="auto",
+                  precision="auto", batch_size: int = 4, progress=None, catalog=None,
+                  workers: int | None = None) -> CasePredictions:
+    """Run a bundle (folder or bundle.Bundle) or a HeadCTClassifier over many cases.
+
+    ``cases``: a CaseTable, a cases CSV path, a list of Case, or a list of image paths (labels unknown).
+    ``preprocessing``: needed with a bare model (a bundle brings its own). ``catalog``: the labels'
+    catalog for a bare model (default: the CaseTable's). Stacks come from (and go to) the preprocessing
+    cache. ``device``: "auto" (a bare model stays on its own device), "cpu", "cuda"...; ``precision``:
+    auto/fp32/bf16/fp16. ``progress`` receives {"stage": "cache"|"predict", "done", "total"}. Cases that
+    cannot be read are listed in ``failures``. The model's train/eval mode is restored afterwards.
+    """
+    import torch
+
+    from .inference import _autocast, select_device, select_precision
+
+    model, model_catalog, preprocessing, temperature = _resolve_model(bundle_or_model, preprocessing)
+    catalog = model_catalog or catalog or getattr(cases, "catalog", None)
+    if catalog is None:
+        raise ValueError("predict_cases needs a catalog: pass a bundle, a CaseTable or catalog=...")
+    case_list = _as_cases(cases, catalog)
+    cached = build_cache(case_list, preprocessing, cache_dir=cache_dir, workers=workers, progress=progress)
+    usable = [case for case in case_list if str(case.path) in cached.files]
+    if device == "auto" and not isinstance(bundle_or_model, (str, os.PathLike)) and hasattr(model, "parameters"):
+        torch_device = next(model.parameters()).device
+    else:
+        torch_device = select_device(device)
+    chosen_precision = select_precision(torch_device, precision)  # "auto": as `headct-molre infer` chooses
+    was_training = model.training
+    model.to(torch_device).eval()
+    logits = []
+    try:
+        for start in range(0, len(usable), batch_size):
+            batch = usable[start:start + batch_size]
+            pixels, valid = stack_batch([cached.files[str(c.path)] for c in batch])
+            pixels = pixels.to(torch_device).float().div_(255.0)
+            with torch.inference_mode(), _autocast(torch_device, chosen_precision):
+                output = model(pixels, valid.to(torch_device))
+            logits.append(output.logits.float().cpu().numpy().astype(np.float64))
+            if progress:
+                progress({"stage": "predict", "done": start + len(batch), "total": len(usable)})
+    finally:
+        model.train(was_training)
+    logits_array = np.concatenate(logits) if logits else np.zeros((0, len(catalog)))
+    probabilities = 1.0 / (1.0 + np.exp(-logits_array / max(float(temperature), 1e-6)))
+    labels = np.stack([c.labels for c in usable]) if usable else np.zeros((0, len(catalog)), np.float32)
+    return CasePredictions(probabilities=probabilities, logits=logits_array, labels=labels,
+                           paths=[str(c.path) for c in usable], failures=list(cached.failures),
+                           catalog=catalog, temperature=float(temperature), splits=[c.split for c in usable])
