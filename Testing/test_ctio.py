@@ -379,3 +379,25 @@ def test_ctio_exports_the_contract_names():
     assert issubclass(ctio.CTInputError, ValueError)
     for name in ("CTVolume", "load_ct", "list_dicom_series", "validation_report"):
         assert hasattr(ctio, name)
+
+
+def test_intact_nifti_gz_is_trusted_by_its_gzip_trailer_without_decompressing(tmp_path, control, monkeypatch):
+    path = tmp_path / "intact.nii.gz"
+    sitk.WriteImage(sitk.Cast(control, sitk.sitkInt16), str(path))
+    payload, _ = ctio._nifti_header(path)
+
+    def no_decompression(*args, **kwargs):
+        raise AssertionError("the payload length check decompressed an intact file")
+
+    monkeypatch.setattr(ctio.gzip, "open", no_decompression)
+    assert ctio._payload_length(payload) == payload.expected_bytes
+
+
+def test_nifti_gz_of_two_gzip_members_falls_back_to_the_full_check(tmp_path, control):
+    data = bytes(_nifti_bytes(control, tmp_path))
+    complete, cut = tmp_path / "two_members.nii.gz", tmp_path / "two_members_cut.nii.gz"
+    complete.write_bytes(gzip.compress(data[:1000]) + gzip.compress(data[1000:]))  # trailer counts member 2 only
+    assert load_ct(complete).size == control.GetSize()
+    cut.write_bytes(gzip.compress(data[:1000]) + gzip.compress(data[1000:-5000]))  # complete stream, short data
+    with pytest.raises(CTInputError, match="two_members_cut.nii.gz: file is truncated or corrupt"):
+        load_ct(cut)

@@ -234,12 +234,31 @@ def _meta_header(path: Path) -> tuple[_Payload | None, list[str]]:
                     "zlib" if compressed else None), []
 
 
+def _gzip_trailer_matches(path: Path, decompressed_bytes: int) -> bool:
+    """True when the gzip file ends with a trailer whose ISIZE (uncompressed length mod 2**32, last 4 bytes)
+    equals ``decompressed_bytes``: a complete single-stream file of exactly that length, checked without
+    decompressing. A truncated file has lost its trailer (its last bytes are compressed data, matching by
+    chance with probability 2**-32). False (the caller decompresses to count) for anything ambiguous:
+    sizes of 4 GiB or more, concatenated gzip members, trailing data."""
+    if decompressed_bytes >= 2 ** 32:
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() < 18 + 8:  # gzip header (10) + empty deflate block + trailer (8)
+            return False
+        handle.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", handle.read(4))[0] == decompressed_bytes
+
+
 def _payload_length(payload: _Payload) -> int:
-    """Bytes of voxel data actually present (decompressing in chunks, nothing kept in memory)."""
+    """Bytes of voxel data actually present (decompressing in chunks, nothing kept in memory; a .nii.gz
+    whose gzip trailer states the expected length is taken at its word, see ``_gzip_trailer_matches``)."""
     if not payload.path.is_file():
         raise CTInputError(f"{payload.path}: the data file named in the header does not exist.")
     if payload.compression is None:
         return payload.path.stat().st_size - payload.offset
+    if payload.compression == "gzip-file" and _gzip_trailer_matches(payload.path, payload.offset + payload.expected_bytes):
+        return payload.expected_bytes
     total = 0
     try:
         if payload.compression == "gzip-file":
