@@ -322,3 +322,29 @@ def test_single_slice_volume_and_ctvolume_like_input_are_handled(ge_head):
     assert stack.alignment["fell_back"]
     with pytest.raises(ValueError, match="3D scalar"):
         preprocess(sitk.Image([64, 64], sitk.sitkInt16))
+
+
+# --- torch implementation: agreement with ITK morphology, determinism -------------------------------------
+
+
+def test_stack_head_mask_matches_itk_opening_components_and_hole_filling(ge_stack):
+    from HeadCTMoLRELib.preprocess import head_mask_slices
+    import torch
+
+    window = ge_stack.pixels[:, BONE_WINDOW] * 2800.0 - 800.0  # back to HU (clipped at -800 / 2000)
+    hu_stack = np.where(ge_stack.slice_valid[:, None, None], window, -1024.0).astype(np.float32)
+    body = sitk.GetImageFromArray((hu_stack > -300).astype(np.uint8))
+    opened = sitk.BinaryMorphologicalOpening(body, [2, 2, 0], sitk.sitkBox)
+    largest = sitk.RelabelComponent(sitk.ConnectedComponent(opened), sortByObjectSize=True) == 1
+    reference = np.stack([sitk.GetArrayFromImage(sitk.BinaryFillhole(largest[:, :, k])) > 0
+                          for k in range(hu_stack.shape[0])])
+    mask = head_mask_slices(torch.from_numpy(hu_stack))
+    assert reference.sum() > 100_000
+    assert (mask != reference).sum() <= 0.001 * reference.sum(), (mask != reference).sum()
+
+
+def test_alignment_on_cpu_is_deterministic(ge_head):
+    first = align_to_head_frame(ge_head, "template")
+    second = align_to_head_frame(ge_head, "template")
+    np.testing.assert_array_equal(first.head_to_patient, second.head_to_patient)
+    assert first.info == second.info

@@ -8,25 +8,31 @@ matrix taking a head-frame LPS point (mm) to the input image's patient LPS point
 Methods:
 - ``"template"``: registration of the input (fixed) to the template (moving) by a similarity transform
   (rotation, translation and one isotropic scale, since heads differ in size from the MNI-sized template;
-  normalised correlation of clipped HU; a pitch x z-shift grid search, then gradient descent at 8 mm
-  and 4 mm), started from the head-mask centroids. The head frame keeps only its rotation, anchored at
-  the stack centre (so ``head_to_patient`` is rigid and the stack keeps true mm). Accepted when the
-  head masks agree (Dice over the scanned part of the template) and the motion is plausible, otherwise it
-  falls back to ``"center"`` with a warning.
+  correlation of clipped HU over the input's dilated head mask, the template sampled by trilinear
+  interpolation; fixed points whose image falls outside the template do not count). A pitch x z-shift grid
+  search (all candidates in one ``grid_sample`` call), then Adam steps at 8 mm and 4 mm, started from the
+  head-mask centroids. The head frame keeps only the rotation, anchored at the stack centre (so
+  ``head_to_patient`` is rigid and the stack keeps true mm). Accepted when the head masks agree (Dice over
+  the scanned part of the template) and the motion is plausible, otherwise it falls back to ``"center"``
+  with a warning.
 - ``"center"``: patient axes; the input's head-mask centroid goes to the template's head-mask centroid.
 - ``"none"``: patient axes; the input image's geometric centre goes to the head-frame centre.
 
-No torch here; everything is SimpleITK + numpy.
+Everything runs in torch (float32) on the device the caller picks (CPU: deterministic); connected
+components use SimpleITK on the host. Geometry (4 x 4 matrices) is float64 numpy.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings as python_warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
 
 from .resources import resource_path
 
@@ -46,6 +52,12 @@ COARSE_SPACING_MM = 4.0
 REGISTRATION_CLIP_HU = (-1024.0, 1200.0)
 PITCH_GRID_DEG = (-30.0, -20.0, -10.0, 0.0, 10.0, 20.0, 30.0)
 Z_SHIFT_GRID_MM = (-20.0, 0.0, 20.0)
+# Optimiser: rotation (rad) and log-scale are expressed as motion (mm) at this distance from the centre,
+# so one Adam learning rate (mm per step) suits all seven parameters.
+LEVER_ARM_MM = 80.0
+DESCENT_SCHEDULE = ((8.0, 15, 2.0, 0.3), (4.0, 15, 0.5, 0.1))  # (spacing mm, steps, first lr, last lr)
+FINE_POINT_STRIDE = 3  # every 3rd fixed voxel at 4 mm (a regular, deterministic subsample)
+MIN_INSIDE_FRACTION = 0.25  # a pose mapping fewer fixed head voxels into the template is not evaluated
 
 MIN_DICE = 0.80  # head masks after a good rigid alignment overlap at 0.85-0.95
 MIN_TEMPLATE_COVERAGE = 0.5  # fraction of the template head inside the scan; less (a skull cap) fits any way
@@ -83,6 +95,184 @@ def rotation_angle_deg(rotation: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(cos_angle, -1.0, 1.0))))
 
 
+# ---------------------------------------------------------------- voxel grids and volumes on a device
+
+@dataclass(frozen=True)
+class VoxelGrid:
+    """Geometry of a volume stored as a (z, y, x) array, in ITK terms.
+
+    size: voxels along x, y, z. spacing_mm: (3,) x y z. origin_mm: (3,) LPS mm of the centre of voxel
+    (0, 0, 0). direction: (3, 3), column k = LPS unit vector of voxel axis k (x, y, z).
+    """
+
+    size: tuple[int, int, int]
+    spacing_mm: np.ndarray
+    origin_mm: np.ndarray
+    direction: np.ndarray
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "VoxelGrid":
+        return cls(tuple(int(n) for n in image.GetSize()), np.array(image.GetSpacing(), float),
+                   np.array(image.GetOrigin(), float), np.array(image.GetDirection(), float).reshape(3, 3))
+
+    def index_to_patient(self) -> np.ndarray:
+        """4 x 4: continuous (i, j, k) index (x, y, z order) -> LPS mm."""
+        return rigid_matrix(self.direction * self.spacing_mm[None, :], self.origin_mm)
+
+    def patient_to_index(self) -> np.ndarray:
+        """4 x 4: LPS mm -> continuous (i, j, k) index, D^T (p - o) / s."""
+        rotation = self.direction.T / self.spacing_mm[:, None]
+        return rigid_matrix(rotation, -rotation @ self.origin_mm)
+
+    def center_mm(self) -> np.ndarray:
+        """LPS mm of the centre of the voxel grid."""
+        return self.origin_mm + self.direction @ ((np.array(self.size) - 1) / 2.0 * self.spacing_mm)
+
+    def shrunk(self, factors) -> "VoxelGrid":
+        """Geometry after averaging bins of ``factors`` (x, y, z) voxels (ITK BinShrink: floor(size / f))."""
+        factors = np.asarray(factors, int)
+        return VoxelGrid(tuple(int(n) // int(f) for n, f in zip(self.size, factors)), self.spacing_mm * factors,
+                         self.origin_mm + self.direction @ ((factors - 1) / 2.0 * self.spacing_mm), self.direction)
+
+
+@dataclass
+class DeviceVolume:
+    """A CT on a torch device: ``hu`` float32 (z, y, x) clamped to [-1024, 3071] HU; ``grid`` its geometry."""
+
+    hu: torch.Tensor
+    grid: VoxelGrid
+
+    @classmethod
+    def from_image(cls, image: sitk.Image, device=None) -> "DeviceVolume":
+        """Upload a 3D scalar SimpleITK image (any pixel type, HU) to ``device`` (None: CPU), clamping
+        scanner padding such as -1500/-3024 to air."""
+        array = sitk.GetArrayViewFromImage(image)
+        with python_warnings.catch_warnings():  # read-only view: torch never writes to it (clamp copies)
+            python_warnings.simplefilter("ignore", UserWarning)
+            source = torch.from_numpy(array)
+        hu = source.to(device=torch.device(device or "cpu"), dtype=torch.float32)
+        return cls(torch.clamp(hu, AIR_HU, MAX_HU), VoxelGrid.of(image))
+
+
+def box_shrink(volume: DeviceVolume, factors) -> DeviceVolume:
+    """Average bins of ``factors`` (x, y, z) voxels (capped at the size), like ITK BinShrink."""
+    factors = [max(1, min(int(f), n)) for f, n in zip(factors, volume.grid.size)]
+    if max(factors) == 1:
+        return volume
+    shrunk = F.avg_pool3d(volume.hu[None, None], kernel_size=factors[::-1], stride=factors[::-1])[0, 0]
+    return DeviceVolume(shrunk, volume.grid.shrunk(factors))
+
+
+def coarse_volume(volume: DeviceVolume, spacing_mm: float = COARSE_SPACING_MM) -> DeviceVolume:
+    """Box-average down to about ``spacing_mm`` per axis (own grid)."""
+    return box_shrink(volume, [max(1, int(round(spacing_mm / s))) for s in volume.grid.spacing_mm])
+
+
+def axis_aligned(volume: DeviceVolume) -> DeviceVolume:
+    """The volume with its voxel axes permuted/flipped to the closest LPS order (no interpolation), so that
+    axial, sagittal and coronal storage of the same scan give the same coarse volume and alignment."""
+    grid = volume.grid
+    nearest_axis = np.argmax(np.abs(grid.direction), axis=1)  # for LPS axis a, the voxel axis closest to it
+    if sorted(nearest_axis) != [0, 1, 2]:
+        return volume  # ~45 degree oblique: no unambiguous order, keep the stored one
+    signs = np.sign(grid.direction[np.arange(3), nearest_axis])
+    if np.array_equal(nearest_axis, [0, 1, 2]) and np.all(signs > 0):
+        return volume
+    hu = volume.hu.permute(*(2 - nearest_axis[::-1]))  # tensor dim of voxel axis k is 2 - k
+    flips = [2 - axis for axis in range(3) if signs[axis] < 0]
+    hu = (hu.flip(flips) if flips else hu).contiguous()
+    size = np.array(grid.size)[nearest_axis]
+    corner = np.where(signs > 0, 0, size - 1)  # new index 0 along LPS axis a = old index corner[a]
+    old_index = np.zeros(3)
+    old_index[nearest_axis] = corner
+    origin = grid.origin_mm + grid.direction @ (old_index * grid.spacing_mm)
+    direction = grid.direction[:, nearest_axis] * signs[None, :]
+    return DeviceVolume(hu, VoxelGrid(tuple(int(n) for n in size), grid.spacing_mm[nearest_axis], origin, direction))
+
+
+# ---------------------------------------------------------------- head masks
+
+def _morphology(mask: torch.Tensor, offsets_zyx: np.ndarray, erode: bool) -> torch.Tensor:
+    """Binary erosion (``erode``) or dilation of a bool (z, y, x) mask by the structuring element given as
+    its (K, 3) integer offsets (z, y, x), by shifted AND / OR. Outside the volume counts as foreground for
+    the erosion and as background for the dilation (ITK's boundary conditions)."""
+    radius = np.abs(offsets_zyx).max(axis=0)
+    padding = [int(r) for r in radius[::-1] for _ in range(2)]  # F.pad order: x, y, z
+    padded = F.pad(mask.to(torch.uint8), padding, value=1 if erode else 0).bool()
+    result = mask.clone()
+    for dz, dy, dx in offsets_zyx:
+        shifted = padded[radius[0] + dz:radius[0] + dz + mask.shape[0], radius[1] + dy:radius[1] + dy + mask.shape[1],
+                         radius[2] + dx:radius[2] + dx + mask.shape[2]]
+        result = result & shifted if erode else result | shifted
+    return result
+
+
+def _structuring_offsets(radius_xyz, shape: str) -> list[np.ndarray]:
+    """Offset sets (z, y, x) whose successive application gives a ``shape`` ("box": separable, one set per
+    axis; "ball": ITK's ball, one set) of half-widths ``radius_xyz`` voxels."""
+    radius = np.array(radius_xyz[::-1], int)
+    if shape == "box":
+        return [np.array([[d if a == axis else 0 for a in range(3)] for d in range(-r, r + 1) if d])
+                for axis, r in enumerate(radius) if r > 0]
+    grid = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in radius], indexing="ij"), -1).reshape(-1, 3)
+    inside = (((grid / np.maximum(radius, 1)) ** 2).sum(-1) <= 1.0) & np.any(grid != 0, axis=1)
+    return [grid[inside]] if inside.any() else []
+
+
+def open_mask(mask: torch.Tensor, radius_xyz, shape: str = "box") -> torch.Tensor:
+    """Binary opening of a bool (z, y, x) mask by a box or ball of half-widths ``radius_xyz`` voxels."""
+    offsets = _structuring_offsets(radius_xyz, shape)
+    for offset_set in offsets:
+        mask = _morphology(mask, offset_set, erode=True)
+    for offset_set in offsets:
+        mask = _morphology(mask, offset_set, erode=False)
+    return mask
+
+
+def dilate_mask(mask: torch.Tensor, radius_xyz, shape: str = "box") -> torch.Tensor:
+    """Binary dilation of a bool (z, y, x) mask by a box or ball of half-widths ``radius_xyz`` voxels."""
+    for offset_set in _structuring_offsets(radius_xyz, shape):
+        mask = _morphology(mask, offset_set, erode=False)
+    return mask
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """bool (z, y, x) -> bool: the largest face-connected component (all False when the mask is empty)."""
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
+    counts = np.bincount(labels.ravel())
+    if len(counts) < 2:
+        return np.zeros(mask.shape, bool)
+    return labels == (int(np.argmax(counts[1:])) + 1)
+
+
+def body_mask(hu: torch.Tensor, opening_radius_xyz, shape: str = "box") -> np.ndarray:
+    """bool (z, y, x) numpy mask of the largest body above -300 HU in a (z, y, x) HU tensor after an opening
+    by a box or ball of ``opening_radius_xyz`` voxels (cuts off the table and headrest); all False when empty."""
+    opened = open_mask(hu > HEAD_THRESHOLD_HU, opening_radius_xyz, shape)
+    return largest_component(opened.cpu().numpy())
+
+
+def head_mask(volume: DeviceVolume) -> np.ndarray:
+    """bool (z, y, x) head mask of a coarse (~4 mm) volume: largest body, opened by a ball of one voxel."""
+    return body_mask(volume.hu, (1, 1, 1), "ball")
+
+
+def mask_centroid_mm(mask: np.ndarray, grid: VoxelGrid) -> tuple[np.ndarray, float]:
+    """(centroid LPS mm (3,), volume ml) of a bool (z, y, x) mask on ``grid``; NaN centroid when empty."""
+    kji = np.argwhere(mask)
+    volume_ml = len(kji) * float(np.prod(grid.spacing_mm)) / 1000.0
+    if len(kji) == 0:
+        return np.full(3, np.nan), 0.0
+    return grid.index_to_patient()[:3] @ np.append(kji.mean(axis=0)[::-1], 1.0), volume_ml
+
+
+def image_center_mm(image: sitk.Image) -> np.ndarray:
+    """Physical LPS point (mm) of the centre of the image's voxel grid."""
+    return VoxelGrid.of(image).center_mm()
+
+
+# ---------------------------------------------------------------- the template
+
 @functools.lru_cache(maxsize=1)
 def load_head_template() -> sitk.Image:
     """The shipped head CT template: int16 HU, identity direction, LPS, 2 mm (the head frame itself)."""
@@ -95,145 +285,169 @@ def load_head_template() -> sitk.Image:
     return sitk.ReadImage(str(path))
 
 
-def clamp_hu(image: sitk.Image) -> sitk.Image:
-    """Float32 copy with HU clamped to [-1024, 3071] (scanner padding such as -1500/-3024 becomes air)."""
-    if image.GetPixelID() == sitk.sitkFloat32:  # maybe clamped already (preprocess clamps once, then aligns)
-        extremes = sitk.MinimumMaximumImageFilter()
-        extremes.Execute(image)
-        if extremes.GetMinimum() >= AIR_HU and extremes.GetMaximum() <= MAX_HU:
-            return image
-    return sitk.Clamp(image, sitk.sitkFloat32, AIR_HU, MAX_HU)
+@dataclass(frozen=True)
+class _TemplateLevel:
+    """Template at one registration spacing: clipped HU as (1, 1, z, y, x), and its grid."""
 
-
-def coarse_image(hu: sitk.Image, spacing_mm: float = COARSE_SPACING_MM) -> sitk.Image:
-    """Box-average ``hu`` (float32 HU, any orientation) down to about ``spacing_mm`` per axis (own grid)."""
-    factors = [max(1, int(round(spacing_mm / s))) for s in hu.GetSpacing()]
-    factors = [min(f, n) for f, n in zip(factors, hu.GetSize())]
-    return sitk.BinShrink(hu, factors) if max(factors) > 1 else hu
-
-
-def head_mask(hu: sitk.Image) -> sitk.Image:
-    """uint8 mask of the largest connected body above -300 HU (head and skin; the table is cut off by an
-    opening). Works on any float HU image; returns an all-zero mask when nothing is above threshold."""
-    body = sitk.BinaryThreshold(hu, HEAD_THRESHOLD_HU, 1e9, 1, 0)
-    body = sitk.BinaryMorphologicalOpening(body, [1] * hu.GetDimension())
-    components = sitk.RelabelComponent(sitk.ConnectedComponent(body), sortByObjectSize=True)
-    return sitk.Cast(components == 1, sitk.sitkUInt8)
-
-
-def mask_centroid_mm(mask: sitk.Image) -> tuple[np.ndarray, float]:
-    """(centroid LPS mm (3,), volume ml) of a uint8 mask; centroid is NaN when the mask is empty."""
-    array = sitk.GetArrayViewFromImage(mask)
-    kji = np.argwhere(array > 0)
-    volume_ml = len(kji) * float(np.prod(mask.GetSpacing())) / 1000.0
-    if len(kji) == 0:
-        return np.full(3, np.nan), 0.0
-    ijk = kji.mean(axis=0)[::-1]
-    return np.array(mask.TransformContinuousIndexToPhysicalPoint([float(v) for v in ijk])), volume_ml
-
-
-def image_center_mm(image: sitk.Image) -> np.ndarray:
-    """Physical LPS point (mm) of the centre of the image's voxel grid."""
-    centre_index = [(n - 1) / 2.0 for n in image.GetSize()]
-    return np.array(image.TransformContinuousIndexToPhysicalPoint(centre_index))
-
-
-def _axis_aligned(image: sitk.Image) -> sitk.Image:
-    """The image with its voxel axes permuted/flipped to the closest LPS order (no interpolation), so that
-    axial, sagittal and coronal storage of the same scan give the same coarse image and alignment."""
-    closest = np.round(np.array(image.GetDirection()).reshape(3, 3))
-    return image if np.array_equal(closest, np.eye(3)) else sitk.DICOMOrient(image, "LPS")
+    hu: torch.Tensor
+    grid: VoxelGrid
 
 
 @functools.lru_cache(maxsize=1)
-def _template_coarse() -> tuple[sitk.Image, sitk.Image, np.ndarray]:
-    """(coarse template HU float32, its head mask, head-mask centroid LPS mm) in the head frame."""
-    template = coarse_image(clamp_hu(load_head_template()))
-    mask = head_mask(template)
-    centroid, _ = mask_centroid_mm(mask)
-    return template, mask, centroid
+def _template_head() -> tuple[np.ndarray, VoxelGrid, np.ndarray]:
+    """(head mask bool (z, y, x) at 4 mm, its grid, head-mask centroid LPS mm) of the template (head frame)."""
+    coarse = coarse_volume(DeviceVolume.from_image(load_head_template()))
+    mask = head_mask(coarse)
+    return mask, coarse.grid, mask_centroid_mm(mask, coarse.grid)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _template_pyramid(device: str) -> dict[float, _TemplateLevel]:
+    """Clipped template at each descent spacing (mm), on ``device``; cached per device."""
+    levels = {}
+    volume = coarse_volume(DeviceVolume.from_image(load_head_template(), device))
+    for spacing_mm in sorted({level[0] for level in DESCENT_SCHEDULE}):
+        shrunk = coarse_volume(volume, spacing_mm) if spacing_mm > COARSE_SPACING_MM else volume
+        levels[spacing_mm] = _TemplateLevel(_clip(shrunk.hu)[None, None].contiguous(), shrunk.grid)
+    return levels
 
 
 def template_head_centroid_mm() -> np.ndarray:
     """Head-mask centroid of the template, head-frame LPS mm (where 'center' alignment puts the head)."""
-    return _template_coarse()[2].copy()
+    return _template_head()[2].copy()
 
 
-def _correlation_method(fixed_mask: sitk.Image) -> sitk.ImageRegistrationMethod:
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsCorrelation()  # normalised: template bone (~700 HU, averaged) vs real bone (~1500 HU)
-    method.SetMetricFixedMask(fixed_mask)
-    method.SetInterpolator(sitk.sitkLinear)
-    return method
+def _clip(hu: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(hu, *REGISTRATION_CLIP_HU)
 
 
-def _descend(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image,
-             transform: sitk.Similarity3DTransform, learning_rate: float, relaxation: float, iterations: int,
-             min_step: float) -> float:
-    method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=learning_rate, minStep=min_step, numberOfIterations=iterations,
-        relaxationFactor=relaxation, gradientMagnitudeTolerance=1e-8)
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetInitialTransform(transform, inPlace=True)
-    method.Execute(fixed, moving)
-    return float(method.GetMetricValue())
+# ---------------------------------------------------------------- registration
+
+@dataclass
+class _FixedPoints:
+    """Scan voxels the metric is computed over: LPS mm (P, 3) and clipped HU (P,), on the device."""
+
+    points_mm: torch.Tensor
+    hu: torch.Tensor
 
 
-def _shrink_to(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    return sitk.BinShrink(image, [max(1, min(int(round(spacing_mm / s)), n))
-                                  for s, n in zip(image.GetSpacing(), image.GetSize())])
+def _fixed_points(scan: DeviceVolume, mask: torch.Tensor, stride: int = 1) -> _FixedPoints:
+    kji = torch.nonzero(mask)[::stride]
+    hu = scan.hu[kji[:, 0], kji[:, 1], kji[:, 2]]
+    index_to_patient = torch.as_tensor(scan.grid.index_to_patient(), dtype=torch.float32, device=hu.device)
+    points = kji.flip(-1).to(torch.float32) @ index_to_patient[:3, :3].T + index_to_patient[:3, 3]
+    return _FixedPoints(points, _clip(hu))
 
 
-def _register(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image,
-              start: sitk.Similarity3DTransform) -> tuple[sitk.Similarity3DTransform, float]:
-    """Similarity registration of clipped-HU images at 4 mm (fixed = the scan, moving = the template); returns
-    (fixed -> moving transform, final normalised correlation metric, -1 is perfect).
+def _similarity(params: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """params (B, 7) = (rotation vector * LEVER_ARM_MM, translation mm, log scale * LEVER_ARM_MM) ->
+    (A (B, 3, 3), offset (B, 3)) with template point = A @ scan point + offset. As ITK's Similarity3D:
+    T(p) = s R (p - c) + c + t."""
+    w = params[:, :3] / LEVER_ARM_MM
+    zero = torch.zeros_like(w[:, 0])
+    skew = torch.stack([zero, -w[:, 2], w[:, 1], w[:, 2], zero, -w[:, 0], -w[:, 1], w[:, 0], zero], -1)
+    rotation = torch.linalg.matrix_exp(skew.view(-1, 3, 3))
+    matrix = torch.exp(params[:, 6] / LEVER_ARM_MM)[:, None, None] * rotation
+    offset = centre + params[:, 3:6] - matrix @ centre
+    return matrix, offset
+
+
+def _correlation(params: torch.Tensor, centre: torch.Tensor, fixed: _FixedPoints,
+                 template: _TemplateLevel) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) correlation of scan and transformed template over the fixed points that land inside the
+    template (index within [-0.5, n - 0.5] as ITK), and (B,) that inside fraction; one grid_sample call."""
+    matrix, offset = _similarity(params, centre)
+    template_mm = fixed.points_mm @ matrix.transpose(1, 2) + offset[:, None, :]  # (B, P, 3) x y z
+    # align_corners=True: -1 and +1 are the centres of the first and last voxels (ITK index 0 and n - 1)
+    size = torch.tensor(template.grid.size, dtype=torch.float32, device=params.device)
+    index = (template_mm - torch.as_tensor(template.grid.origin_mm, dtype=torch.float32, device=params.device)) / \
+        torch.as_tensor(template.grid.spacing_mm, dtype=torch.float32, device=params.device)
+    normalised = index * (2.0 / (size - 1).clamp(min=1)) - 1.0
+    moving = F.grid_sample(template.hu, normalised[None, None], mode="bilinear", padding_mode="border",
+                           align_corners=True)[0, 0, 0]  # (B, P)
+    weight = ((index >= -0.5) & (index <= size - 0.5)).all(-1).to(torch.float32)
+    count = weight.sum(-1).clamp(min=1.0)
+    f = fixed.hu[None, :] - (fixed.hu[None, :] * weight).sum(-1, keepdim=True) / count[:, None]
+    m = moving - (moving * weight).sum(-1, keepdim=True) / count[:, None]
+    f, m = f * weight, m * weight
+    correlation = (f * m).sum(-1) / torch.sqrt((f * f).sum(-1) * (m * m).sum(-1) + 1e-6)
+    return correlation, weight.mean(-1)
+
+
+def _descend(params: torch.Tensor, centre: torch.Tensor, fixed: _FixedPoints, template: _TemplateLevel,
+             steps: int, first_lr: float, last_lr: float) -> torch.Tensor:
+    """Adam on -correlation for a fixed number of steps (cosine-decayed learning rate, mm per step); no
+    host synchronisation inside the loop."""
+    params = params.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([params], lr=first_lr)
+    for step in range(steps):
+        optimiser.param_groups[0]["lr"] = last_lr + (first_lr - last_lr) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        optimiser.zero_grad(set_to_none=True)
+        correlation, _ = _correlation(params, centre, fixed, template)
+        (-correlation.sum()).backward()
+        optimiser.step()
+    return params.detach()
+
+
+def _register(scan: DeviceVolume, scan_mask: np.ndarray, scan_centroid: np.ndarray,
+              template_centroid: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Similarity registration of clipped HU (fixed = the scan at ~4 mm, moving = the template); returns
+    (A (3, 3), offset (3,)) of template point = A @ scan point + offset, as one (3, 4) float64 array, the
+    final correlation and the fraction of fixed points inside the template.
 
     1. Grid search at 8 mm over head pitch (chin up/down, the rotation the head outline constrains least)
        and superior-inferior shift (partial scans bias the centroid start), by correlation.
-    2. Gradient descent at 8 mm from the best grid point, then refinement at 4 mm (30% of the fixed
-       voxels, fixed seed: deterministic)."""
-    fixed_8, mask_8, moving_8 = _shrink_to(fixed, 8.0), _shrink_to(fixed_mask, 8.0), _shrink_to(moving, 8.0)
-    coarse = _correlation_method(mask_8)
-    best_value, transform = math.inf, None
-    for pitch_deg in PITCH_GRID_DEG:
-        for z_shift_mm in Z_SHIFT_GRID_MM:
-            candidate = sitk.Similarity3DTransform(start)
-            candidate.SetRotation((1.0, 0.0, 0.0), math.radians(pitch_deg))
-            candidate.SetTranslation([a + b for a, b in zip(start.GetTranslation(), (0.0, 0.0, z_shift_mm))])
-            coarse.SetInitialTransform(candidate)
-            try:
-                value = coarse.MetricEvaluate(fixed_8, moving_8)
-            except RuntimeError:  # this start leaves too little of the template inside the input
-                continue
-            if value < best_value:
-                best_value, transform = value, candidate
-    if transform is None:
-        raise RuntimeError("no start position puts the template inside the input image")
-    _descend(coarse, fixed_8, moving_8, transform, learning_rate=4.0, relaxation=0.8, iterations=200, min_step=0.2)
-    fine = _correlation_method(fixed_mask)
-    fine.SetMetricSamplingStrategy(fine.RANDOM)
-    fine.SetMetricSamplingPercentage(0.3, 1)
-    metric = _descend(fine, fixed, moving, transform, learning_rate=2.0, relaxation=0.7, iterations=120,
-                      min_step=0.05)
-    return transform, metric
+    2. Adam at 8 mm from the best grid point, then at 4 mm (every FINE_POINT_STRIDE-th fixed voxel)."""
+    device = scan.hu.device
+    pyramid = _template_pyramid(str(device))
+    fixed_mask = dilate_mask(torch.as_tensor(scan_mask, device=device), (2, 2, 2), "ball")
+    clipped = DeviceVolume(_clip(scan.hu), scan.grid)
+    levels = {}
+    for spacing_mm, _, _, _ in DESCENT_SCHEDULE:
+        if spacing_mm > COARSE_SPACING_MM:
+            factors = [max(1, min(int(round(spacing_mm / s)), n)) for s, n in zip(scan.grid.spacing_mm, scan.grid.size)]
+            shrunk = box_shrink(clipped, factors)
+            mask = F.avg_pool3d(fixed_mask.to(torch.float32)[None, None], factors[::-1], factors[::-1])[0, 0] >= 0.5
+            levels[spacing_mm] = _fixed_points(shrunk, mask)
+        else:
+            levels[spacing_mm] = _fixed_points(clipped, fixed_mask, FINE_POINT_STRIDE)
+    centre = torch.as_tensor(scan_centroid, dtype=torch.float32, device=device)
+
+    pitch, shift = np.meshgrid(np.radians(PITCH_GRID_DEG), Z_SHIFT_GRID_MM, indexing="ij")
+    candidates = np.zeros((pitch.size, 7))
+    candidates[:, 0] = pitch.ravel() * LEVER_ARM_MM
+    candidates[:, 3:6] = template_centroid - scan_centroid
+    candidates[:, 5] += shift.ravel()
+    candidates = torch.as_tensor(candidates, dtype=torch.float32, device=device)
+    first_spacing = DESCENT_SCHEDULE[0][0]
+    with torch.no_grad():
+        correlation, inside = _correlation(candidates, centre, levels[first_spacing], pyramid[first_spacing])
+        best = torch.argmax(torch.where(inside >= MIN_INSIDE_FRACTION, correlation, -math.inf))
+    params = candidates[best][None]
+    for spacing_mm, steps, first_lr, last_lr in DESCENT_SCHEDULE:
+        params = _descend(params, centre, levels[spacing_mm], pyramid[spacing_mm], steps, first_lr, last_lr)
+    with torch.no_grad():
+        last_spacing = DESCENT_SCHEDULE[-1][0]
+        correlation, inside = _correlation(params, centre, levels[last_spacing], pyramid[last_spacing])
+        matrix, offset = _similarity(params, centre)
+        result = torch.cat([matrix[0], offset[0][:, None]], 1).double().cpu().numpy()
+    return result, float(correlation[0]), float(inside[0])
 
 
-def _clip(hu: sitk.Image) -> sitk.Image:
-    low, high = REGISTRATION_CLIP_HU
-    return sitk.Clamp(hu, sitk.sitkFloat32, low, high)
-
-
-def _fit_quality(transform: sitk.Transform, template_mask: sitk.Image, scan_mask: sitk.Image) -> dict:
-    """Dice of template head mask and the warped input head mask, counted only where the template maps
-    inside the scanned input (partial scans are not penalised for what was not scanned)."""
-    warped = sitk.Resample(scan_mask, template_mask, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    inside_image = sitk.Image(scan_mask.GetSize(), sitk.sitkUInt8) + 1
-    inside_image.CopyInformation(scan_mask)
-    inside = sitk.GetArrayViewFromImage(
-        sitk.Resample(inside_image, template_mask, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
-    template_head = sitk.GetArrayViewFromImage(template_mask) > 0
-    input_head = sitk.GetArrayViewFromImage(warped) > 0
+def _fit_quality(head_to_patient: np.ndarray, scan_mask: np.ndarray, scan_grid: VoxelGrid) -> dict:
+    """Dice of the template head mask and the input head mask sampled (nearest) at the same head-frame
+    points, counted only where the template maps inside the scanned input (partial scans are not penalised
+    for what was not scanned), and the fraction of the template head inside the scan."""
+    template_mask, template_grid, _ = _template_head()
+    kji = np.indices(template_mask.shape).reshape(3, -1).T
+    to_scan_index = scan_grid.patient_to_index() @ head_to_patient @ template_grid.index_to_patient()
+    index = kji[:, ::-1] @ to_scan_index[:3, :3].T + to_scan_index[:3, 3]
+    nearest = np.floor(index + 0.5).astype(np.int64)
+    inside = np.all((nearest >= 0) & (nearest < np.array(scan_grid.size)), axis=1)
+    input_head = np.zeros(len(kji), bool)
+    i, j, k = nearest[inside].T
+    input_head[inside] = scan_mask[k, j, i]
+    template_head = template_mask.ravel()
     a, b = template_head & inside, input_head & inside
     denominator = a.sum() + b.sum()
     dice = float(2.0 * (a & b).sum() / denominator) if denominator else 0.0
@@ -241,49 +455,33 @@ def _fit_quality(transform: sitk.Transform, template_mask: sitk.Image, scan_mask
     return {"head_dice": round(dice, 4), "template_head_coverage": round(coverage, 4)}
 
 
-def _transform_to_matrix(transform: sitk.Euler3DTransform) -> np.ndarray:
-    rotation = np.array(transform.GetMatrix()).reshape(3, 3)
-    centre = np.array(transform.GetCenter())
-    translation = np.array(transform.GetTranslation())
-    return rigid_matrix(rotation, centre + translation - rotation @ centre)
-
-
 def _center_alignment(head_centroid_mm: np.ndarray) -> np.ndarray:
     return rigid_matrix(np.eye(3), head_centroid_mm - template_head_centroid_mm())
 
 
-def _none_alignment(hu: sitk.Image) -> np.ndarray:
-    return rigid_matrix(np.eye(3), image_center_mm(hu) - np.array(HEAD_FRAME_CENTER_MM))
+def _none_alignment(grid: VoxelGrid) -> np.ndarray:
+    return rigid_matrix(np.eye(3), grid.center_mm() - np.array(HEAD_FRAME_CENTER_MM))
 
 
-def _template_alignment(scan: sitk.Image, scan_mask: sitk.Image,
+def _template_alignment(scan: DeviceVolume, scan_mask: np.ndarray,
                         scan_centroid: np.ndarray) -> tuple[np.ndarray, dict, str | None]:
     """Try template registration; return (matrix, info, reason it was rejected or None)."""
-    template, template_mask, template_centroid = _template_coarse()
+    template_centroid = template_head_centroid_mm()
     # The scan is the fixed image: every scanned head voxel must find its match in the (complete) template,
     # so a partial scan cannot improve its score by sliding anatomy out of the overlap.
-    fixed, fixed_mask = _clip(scan), sitk.BinaryDilate(scan_mask, [2, 2, 2])
-    start = sitk.Similarity3DTransform()
-    start.SetCenter([float(v) for v in scan_centroid])
-    start.SetTranslation([float(v) for v in template_centroid - scan_centroid])
-    try:
-        patient_to_template, metric = _register(fixed, fixed_mask, _clip(template), start)
-    except RuntimeError as error:  # ITK: too few samples inside the template, etc.
-        detail = str(error).strip().splitlines()[-1][:200]
+    patient_to_template, correlation, inside = _register(scan, scan_mask, scan_centroid, template_centroid)
+    if not inside >= MIN_INSIDE_FRACTION or not np.isfinite(patient_to_template).all():
+        detail = f"only {inside:.0%} of the head maps inside the template"
         return np.eye(4), {"error": detail}, f"registration failed ({detail})"
     # Registration allows an isotropic scale (heads are smaller than the MNI-sized template; without it the
     # rotation optimum is flat). The head frame keeps only the rotation, anchored at the stack centre.
-    scale = patient_to_template.GetScale()
-    similarity = np.array(patient_to_template.GetMatrix()).reshape(3, 3)
+    similarity, offset = patient_to_template[:, :3], patient_to_template[:, 3]
+    scale = float(np.cbrt(np.linalg.det(similarity)))
     head_to_patient_rotation = (similarity / scale).T
-    stack_centre = patient_to_template.GetInverse().TransformPoint(HEAD_FRAME_CENTER_MM)
-    matrix = rigid_matrix(head_to_patient_rotation,
-                          np.array(stack_centre) - head_to_patient_rotation @ np.array(HEAD_FRAME_CENTER_MM))
-    head_to_patient = sitk.Euler3DTransform()
-    head_to_patient.SetMatrix(matrix[:3, :3].ravel().tolist())
-    head_to_patient.SetTranslation(matrix[:3, 3].tolist())
-    quality = _fit_quality(head_to_patient, template_mask, scan_mask)
-    quality["correlation"] = round(-metric, 4)
+    stack_centre = np.linalg.solve(similarity, np.array(HEAD_FRAME_CENTER_MM) - offset)
+    matrix = rigid_matrix(head_to_patient_rotation, stack_centre - head_to_patient_rotation @ np.array(HEAD_FRAME_CENTER_MM))
+    quality = _fit_quality(matrix, scan_mask, scan.grid)
+    quality["correlation"] = round(correlation, 4)
     quality["head_scale_vs_template"] = round(1.0 / scale, 4)
     angle = rotation_angle_deg(matrix[:3, :3])
     shift = float(np.linalg.norm(matrix[:3, :3] @ template_centroid + matrix[:3, 3] - scan_centroid))
@@ -302,31 +500,36 @@ def _template_alignment(scan: sitk.Image, scan_mask: sitk.Image,
     return matrix, quality, reason
 
 
-def align_to_head_frame(hu: sitk.Image, method: str = "template") -> Alignment:
+def align_to_head_frame(hu, method: str = "template", *, device=None) -> Alignment:
     """Find the rigid head-frame -> patient mapping of a CT.
 
-    hu: 3D SimpleITK image in HU (any pixel type, any direction; LPS mm geometry).
+    hu: 3D SimpleITK image in HU (any pixel type, any direction; LPS mm geometry), or a DeviceVolume
+        already on the device (then ``device`` is ignored).
     method: "template", "center" or "none" (see module docstring). "template" falls back to "center",
     and "center" to "none", with a warning, when they cannot be trusted.
+    device: torch device for the registration (None: CPU).
     Returns an Alignment (4 x 4 head_to_patient, JSON-able info, warnings).
     """
     if method not in ("template", "center", "none"):
         raise ValueError(f"Unknown alignment method {method!r}: use 'template', 'center' or 'none'.")
     info: dict = {"requested": method, "method": method, "fell_back": False}
     warnings: list[str] = []
+    grid = hu.grid if isinstance(hu, DeviceVolume) else VoxelGrid.of(hu)
     if method == "none":
-        return Alignment(_none_alignment(hu), info, warnings)
+        return Alignment(_none_alignment(grid), info, warnings)
 
-    scan = coarse_image(clamp_hu(_axis_aligned(hu)))
-    scan_mask = head_mask(scan)
-    centroid, volume_ml = mask_centroid_mm(scan_mask)
+    volume = hu if isinstance(hu, DeviceVolume) else DeviceVolume.from_image(hu, device)
+    with torch.no_grad():
+        scan = coarse_volume(axis_aligned(volume))
+        scan_mask = head_mask(scan)
+    centroid, volume_ml = mask_centroid_mm(scan_mask, scan.grid)
     info["head_volume_ml"] = round(volume_ml, 1)
     if volume_ml < MIN_HEAD_VOLUME_ML:
         info.update(method="none", fell_back=True)
         warnings.append(f"Alignment: no head found in the image (body above {HEAD_THRESHOLD_HU:.0f} HU: "
                         f"{volume_ml:.0f} ml); using the image centre and patient axes. Check that the input "
                         "is a head CT in HU.")
-        return Alignment(_none_alignment(hu), info, warnings)
+        return Alignment(_none_alignment(grid), info, warnings)
 
     if method == "template":
         matrix, quality, reason = _template_alignment(scan, scan_mask, centroid)

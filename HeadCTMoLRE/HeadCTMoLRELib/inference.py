@@ -397,7 +397,7 @@ def predict(
     if log:
         log("preprocessing")
     t0 = time.perf_counter()
-    stack = preprocess(volume, the_bundle.preprocessing)
+    stack = preprocess(volume, the_bundle.preprocessing, device=torch_device)
     timings["preprocess"] = time.perf_counter() - t0
     if log:
         log(f"running the model on {torch_device} ({chosen_precision})")

@@ -24,8 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
 
-from .alignment import AIR_HU, HEAD_FRAME_CENTER_MM, HEAD_THRESHOLD_HU, align_to_head_frame, clamp_hu
+from .alignment import (AIR_HU, HEAD_FRAME_CENTER_MM, DeviceVolume, VoxelGrid, align_to_head_frame, body_mask,
+                        rigid_matrix)
 
 MIN_VALID_SLICE_FRACTION = 0.5  # a slice counts as scanned when half of its central disc was scanned
 
@@ -136,8 +139,12 @@ class SliceStack:
         return image
 
 
-def apply_windows(hu: np.ndarray, windows_hu) -> np.ndarray:
-    """(...) HU array -> float32 (C, ...) with channel c = clip((hu - low_c) / (high_c - low_c), 0, 1)."""
+def apply_windows(hu, windows_hu):
+    """(...) HU array (numpy or torch, any device) -> float32 (C, ...) of the same kind with channel c =
+    clip((hu - low_c) / (high_c - low_c), 0, 1)."""
+    if isinstance(hu, torch.Tensor):
+        hu = hu.to(torch.float32)
+        return torch.stack([((hu - low) / (high - low)).clamp(0.0, 1.0) for low, high in windows_hu])
     hu = np.asarray(hu, dtype=np.float32)
     channels = [np.clip((hu - np.float32(low)) / np.float32(high - low), 0.0, 1.0) for low, high in windows_hu]
     return np.stack(channels).astype(np.float32, copy=False)
@@ -162,43 +169,91 @@ def _stack_grid(config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, tuple
     return origin, spacing, size
 
 
-def anti_alias(hu: sitk.Image, output_spacing_along_axes: np.ndarray) -> sitk.Image:
-    """Low-pass ``hu`` (float32 HU) before it is sampled at ``output_spacing_along_axes`` (mm, one per input
-    axis, x y z order), returning a smaller image on a grid at most half the output spacing.
+def _gaussian_kernel(sigma_voxels: float) -> np.ndarray:
+    radius = max(1, int(math.ceil(3.0 * sigma_voxels)))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (x / sigma_voxels) ** 2)
+    return kernel / kernel.sum()
+
+
+def _filter_along(hu: torch.Tensor, dim: int, kernel: np.ndarray, stride: int, left_pad: int) -> torch.Tensor:
+    """Correlate every line of a (z, y, x) tensor along ``dim`` with ``kernel`` (border values extended by
+    ``left_pad`` voxels before and as many after as keep floor(n / stride) outputs) and keep every
+    ``stride``-th output: output m starts at input m * stride - left_pad."""
+    moved = hu.movedim(dim, -1)
+    lines = moved.reshape(-1, 1, moved.shape[-1])
+    right_pad = len(kernel) - stride - left_pad
+    if left_pad or right_pad:
+        lines = F.pad(lines, (left_pad, right_pad), mode="replicate")
+    weights = torch.as_tensor(kernel, dtype=hu.dtype, device=hu.device).view(1, 1, -1)
+    filtered = F.conv1d(lines, weights, stride=stride)
+    return filtered.reshape(*moved.shape[:-1], filtered.shape[-1]).movedim(-1, dim)
+
+
+def anti_alias(volume: DeviceVolume, output_spacing_along_axes: np.ndarray) -> DeviceVolume:
+    """Low-pass a volume (float32 HU on its device) before it is sampled at ``output_spacing_along_axes``
+    (mm, one per input axis, x y z order), returning a smaller volume on a grid at most half the output
+    spacing (separable 1D convolutions, border values extended).
 
     Per input axis, with ratio = output / input spacing:
-    - ratio >= 3 (e.g. 0.5 -> 4 mm slices): recursive Gaussian with sigma = (output - input spacing) / 2 mm
-      at full resolution, then box-shrink by floor(ratio / 2) (the data are band-limited by then);
-    - 2 <= ratio < 3 (e.g. 0.45 -> 1 mm pixels): box-average by 2 (sigma of the box ~ the rule above);
+    - ratio >= 3 (e.g. 0.5 -> 4 mm slices): Gaussian with sigma = (output - input spacing) / 2 mm, then
+      bins of floor(ratio / 2) voxels averaged (one strided convolution with the Gaussian * box kernel;
+      the data are band-limited by then);
+    - 2 <= ratio < 3 (e.g. 0.45 -> 1 mm pixels): bins of 2 averaged (sigma of the box ~ the rule above);
     - ratio < 2: untouched (linear interpolation suffices).
+    Bins follow ITK BinShrink: floor(size / factor) voxels, each at the mean position of its bin.
     """
-    spacing_in = np.array(hu.GetSpacing())
-    ratio = np.asarray(output_spacing_along_axes, float) / spacing_in
-    size = np.array(hu.GetSize())
-    box_factors = np.where((ratio >= 2) & (ratio < 3), 2, 1)
-    gauss_axes = np.flatnonzero((ratio >= 3) & (size > 1))
-    if box_factors.max() > 1:
-        hu = sitk.BinShrink(hu, np.minimum(box_factors, size).tolist())
-    for axis in gauss_axes:
-        sigma_mm = float(output_spacing_along_axes[axis] - spacing_in[axis]) / 2.0
-        hu = sitk.RecursiveGaussian(hu, sigma=sigma_mm, normalizeAcrossScale=False, direction=int(axis))
-    after_gauss = np.ones(3, int)
-    after_gauss[gauss_axes] = np.floor(ratio[gauss_axes] / 2.0).astype(int)
-    if after_gauss.max() > 1:
-        hu = sitk.BinShrink(hu, np.minimum(after_gauss, hu.GetSize()).tolist())
-    return hu
+    grid = volume.grid
+    ratio = np.asarray(output_spacing_along_axes, float) / grid.spacing_mm
+    hu, factors = volume.hu, np.ones(3, int)
+    for axis in range(3):
+        size = grid.size[axis]
+        if ratio[axis] >= 3 and size > 1:
+            factor = min(int(ratio[axis] // 2), size)
+            gaussian = _gaussian_kernel((output_spacing_along_axes[axis] - grid.spacing_mm[axis]) / 2.0
+                                        / grid.spacing_mm[axis])
+            kernel, left_pad = np.convolve(gaussian, np.full(factor, 1.0 / factor)), len(gaussian) // 2
+        elif 2 <= ratio[axis] < 3 and size > 1:
+            factor, kernel, left_pad = 2, np.array([0.5, 0.5]), 0
+        else:
+            continue
+        hu = _filter_along(hu, 2 - axis, kernel, factor, left_pad)
+        factors[axis] = factor
+    return DeviceVolume(hu, grid.shrunk(factors))
 
 
-def _output_spacing_along_input_axes(hu: sitk.Image, frame_to_patient_rotation: np.ndarray,
+def _output_spacing_along_input_axes(grid: VoxelGrid, frame_to_patient_rotation: np.ndarray,
                                      stack_spacing_mm: np.ndarray) -> np.ndarray:
     """For each input axis (unit vector u in patient space), the stack's sampling distance along it:
     sqrt(sum_i (v_i * spacing_i)^2) with v = u in head-frame coordinates (exact when the axes line up)."""
-    input_axes_patient = np.array(hu.GetDirection()).reshape(3, 3)  # columns = axis directions
-    input_axes_frame = frame_to_patient_rotation.T @ input_axes_patient
+    input_axes_frame = frame_to_patient_rotation.T @ grid.direction  # columns = input axes in the head frame
     return np.sqrt(((input_axes_frame * stack_spacing_mm[:, None]) ** 2).sum(axis=0))
 
 
-def _slice_scanned_fraction(stack: SliceStack, image: sitk.Image, step: int = 4) -> np.ndarray:
+def _resample_to_stack(volume: DeviceVolume, stack_index_to_patient: np.ndarray,
+                       size: tuple[int, int, int]) -> torch.Tensor:
+    """Trilinear samples (S, H, W) of ``volume`` at the stack voxels (``stack_index_to_patient``: 4 x 4,
+    continuous (i, j, k) stack index -> LPS mm; ``size`` x y z); air outside the volume. As ITK's
+    Resample: a point is inside when its continuous index lies within [-0.5, n - 0.5] on every axis,
+    with border values extended there."""
+    grid = volume.grid
+    n = np.array(grid.size, float)
+    # align_corners=True: normalised -1 / +1 are the centres of the first / last voxels (ITK index 0, n - 1)
+    index_to_normalised = rigid_matrix(np.diag(2.0 / np.maximum(n - 1, 1)), -np.ones(3))
+    stack_to_normalised = index_to_normalised @ grid.patient_to_index() @ stack_index_to_patient
+    affine = torch.as_tensor(stack_to_normalised[:3].T, dtype=torch.float32, device=volume.hu.device)  # (4, 3)
+    steps = [torch.arange(count, dtype=torch.float32, device=volume.hu.device) for count in size]
+    points = (steps[2][:, None, None, None] * affine[2] + steps[1][None, :, None, None] * affine[1]
+              + (steps[0][None, None, :, None] * affine[0] + affine[3]))[None]  # (1, S, H, W, 3) x y z
+    samples = F.grid_sample(volume.hu[None, None], points, mode="bilinear", padding_mode="border",
+                            align_corners=True)[0, 0]
+    low = torch.as_tensor(-0.5 * 2.0 / np.maximum(n - 1, 1) - 1.0, dtype=torch.float32, device=points.device)
+    high = torch.as_tensor((n - 0.5) * 2.0 / np.maximum(n - 1, 1) - 1.0, dtype=torch.float32, device=points.device)
+    inside = ((points[0] >= low) & (points[0] <= high)).all(-1)
+    return torch.where(inside, samples, torch.full_like(samples, AIR_HU))
+
+
+def _slice_scanned_fraction(stack: SliceStack, grid: VoxelGrid, step: int = 4) -> np.ndarray:
     """(S,) fraction of each slice's central disc (diameter half the field of view, where the brain lies;
     sampled every ``step`` pixels) that falls inside the input voxel grid."""
     s, _, h, w = stack.pixels.shape
@@ -207,40 +262,44 @@ def _slice_scanned_fraction(stack: SliceStack, image: sitk.Image, step: int = 4)
     rows, cols = rows[central], cols[central]
     kji = np.stack(np.broadcast_arrays(np.arange(s)[:, None], rows[None], cols[None]), axis=-1)
     lps = stack.stack_index_to_patient(kji.astype(np.float64))
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    index = (lps - np.array(image.GetOrigin())) @ direction / np.array(image.GetSpacing())  # D^T(p-o)/s
-    size = np.array(image.GetSize())
+    to_index = grid.patient_to_index()
+    index = lps @ to_index[:3, :3].T + to_index[:3, 3]
+    size = np.array(grid.size)
     return np.all((index >= -0.5) & (index <= size - 0.5), axis=-1).mean(axis=1)
 
 
 def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    """bool (S, H, W) -> bool (S, H, W) with 2D holes filled in every slice. One 2D fill on a column of
-    tiles separated by empty rows (each tile's background touches the border through its separator)."""
+    """bool (S, H, W) -> bool (S, H, W) with 2D holes filled in every slice: background that cannot reach
+    the slice border (4-connected). One 2D labelling of the background of all slices stacked in a column,
+    each slice framed by background rows and columns, so every slice's outer background is one label."""
     s, h, w = mask.shape
-    tiles = np.zeros((s, h + 1, w), np.uint8)
-    tiles[:, 1:, :] = mask
-    filled = sitk.GetArrayViewFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(tiles.reshape(s * (h + 1), w))))
-    return filled.reshape(s, h + 1, w)[:, 1:, :] > 0
+    tiles = np.zeros((s, h + 1, w + 2), np.uint8)
+    tiles[:, 1:, 1:-1] = mask
+    tiles = np.concatenate([tiles.reshape(s * (h + 1), w + 2), np.zeros((1, w + 2), np.uint8)])
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(1 - tiles)))
+    outside = labels == labels[0, 0]
+    return ~outside[:-1].reshape(s, h + 1, w + 2)[:, 1:, 1:-1]
 
 
-def head_mask_slices(hu_stack: np.ndarray) -> np.ndarray:
-    """bool (S, H, W) head mask of a (S, H, W) HU stack: largest body above -300 HU (opened in-plane to
-    drop the table and headrest), holes (sinus and mastoid air) filled slice by slice."""
-    body = sitk.GetImageFromArray((hu_stack > HEAD_THRESHOLD_HU).astype(np.uint8))
-    body = sitk.GrayscaleMorphologicalOpening(body, [2, 2, 0], sitk.sitkBox)  # binary opening is 2x slower
-    components = sitk.RelabelComponent(sitk.ConnectedComponent(body), sortByObjectSize=True)
-    return fill_holes_per_slice(sitk.GetArrayViewFromImage(components) == 1)
+def head_mask_slices(hu_stack: torch.Tensor) -> np.ndarray:
+    """bool (S, H, W) head mask of a (S, H, W) HU stack (tensor on any device): largest body above -300 HU
+    (opened in-plane by a 5 x 5 box to drop the table and headrest), holes (sinus and mastoid air) filled
+    slice by slice."""
+    return fill_holes_per_slice(body_mask(hu_stack, (2, 2, 0)))
 
 
-def preprocess(volume, config: PreprocessConfig = PreprocessConfig()) -> SliceStack:
+def preprocess(volume, config: PreprocessConfig = PreprocessConfig(), *, device=None) -> SliceStack:
     """CT volume (HU, LPS) -> SliceStack (S x C x H x W windows in the standard head frame + geometry).
 
     volume: 3D SimpleITK.Image in HU (any pixel type, direction and spacing), or an object with
         ``.image`` (and optionally ``.warnings``).
     config: PreprocessConfig. Raises ValueError for non-3D or multi-component images.
+    device: torch device (or name) for alignment, resampling and windows; None: CPU. The SliceStack
+        holds numpy arrays whatever the device.
     """
     image, warnings = _as_image(volume)
-    hu = clamp_hu(image)
+    with torch.no_grad():
+        hu = DeviceVolume.from_image(image, device)
     alignment = align_to_head_frame(hu, config.alignment)
     warnings += alignment.warnings
     origin, spacing, size = _stack_grid(config)
@@ -250,16 +309,16 @@ def preprocess(volume, config: PreprocessConfig = PreprocessConfig()) -> SliceSt
         slice_positions_mm=np.zeros((size[2], 3)), origin_mm=origin, spacing_mm=spacing,
         head_to_patient=alignment.head_to_patient, alignment=alignment.info, warnings=warnings, config=config)
 
-    rotation = alignment.head_to_patient[:3, :3]
-    smoothed = anti_alias(hu, _output_spacing_along_input_axes(hu, rotation, spacing))
-    reference = stack.grid_image(np.zeros(size[::-1], np.float32))
-    hu_stack = sitk.GetArrayFromImage(
-        sitk.Resample(smoothed, reference, sitk.Transform(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32))
-
-    stack.slice_valid = _slice_scanned_fraction(stack, image) >= MIN_VALID_SLICE_FRACTION
-    hu_stack[~stack.slice_valid] = AIR_HU
-    stack.head_mask = head_mask_slices(hu_stack)
-    stack.pixels = np.ascontiguousarray(apply_windows(hu_stack, config.windows_hu).transpose(1, 0, 2, 3))
+    stack.slice_valid = _slice_scanned_fraction(stack, hu.grid) >= MIN_VALID_SLICE_FRACTION
+    stack_index_to_patient = alignment.head_to_patient @ rigid_matrix(np.diag(spacing), origin)
+    with torch.no_grad():
+        smoothed = anti_alias(hu, _output_spacing_along_input_axes(hu.grid, alignment.head_to_patient[:3, :3], spacing))
+        hu_stack = _resample_to_stack(smoothed, stack_index_to_patient, size)
+        valid = torch.as_tensor(stack.slice_valid, device=hu_stack.device)[:, None, None]
+        hu_stack = torch.where(valid, hu_stack, torch.full_like(hu_stack, AIR_HU))
+        pixels = apply_windows(hu_stack, config.windows_hu).transpose(0, 1).contiguous()
+        stack.pixels = pixels.cpu().numpy()
+        stack.head_mask = head_mask_slices(hu_stack)
     centre_rows = np.stack([np.arange(size[2]), np.full(size[2], (size[1] - 1) / 2), np.full(size[2], (size[0] - 1) / 2)], -1)
     stack.slice_positions_mm = stack.stack_index_to_patient(centre_rows)
     if not stack.slice_valid.any():
