@@ -32,7 +32,7 @@ def write_toy_case(path: Path, positive: bool, seed: int) -> Path:
     hu[head] = 35 + rng.normal(0, 4, int(head.sum()))
     if positive:
         cz, cy, cx = rng.uniform([6, 16, 16], [13, 31, 31])
-        blob = ((x - cx) ** 2 + (y - cy) ** 2 + ((z - cz) * 2) ** 2) <= 25
+        blob = ((x - cx) ** 2 + (y - cy) ** 2 + ((z - cz) * 2) ** 2) <= 49
         hu[blob & head] = 75
     image = sitk.GetImageFromArray(hu.astype(np.int16))
     image.SetSpacing((4.0, 4.0, 8.0))

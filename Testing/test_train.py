@@ -238,3 +238,20 @@ def test_cli_trains_and_reports_cancellation_exit_code(toy, tmp_path, monkeypatc
                   train.add_train_arguments)
     assert train.run_train_from_args(args) == 130
     assert "--resume" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- learning
+def test_a_tiny_model_learns_a_visible_finding_on_held_out_cases(tmp_path):
+    """End to end: a randomly initialised tiny DINOv3 (frozen) + LoRA + MoLRE learns a bright 75 HU blob
+    (a hematoma stand-in) in toy head volumes and ranks held-out cases with AUC >= 0.85."""
+    train_csv = write_toy_dataset(tmp_path / "train", 48, seed=1)
+    test_csv = write_toy_dataset(tmp_path / "test", 32, seed=2)
+    start = make_start_bundle(tmp_path / "start")
+    config = train.TrainConfig(max_epochs=15, min_epochs=15, batch_size=4, lr_heads=1e-2, lr_adapters=1e-3,
+                               device="cpu", precision="fp32", cache_workers=0, seed=0)
+    result = train.fit(train_csv, start, tmp_path / "run", config, cache_dir=tmp_path / "cache")
+    assert result.best_val_mean_auc is not None and result.best_val_mean_auc >= 0.85
+    held_out = data.predict_cases(result.bundle_path, test_csv, cache_dir=tmp_path / "cache", device="cpu",
+                                  precision="fp32", workers=0)
+    auc = train.auc_per_finding(held_out.probabilities, held_out.labels)
+    assert auc[0] >= 0.85, auc

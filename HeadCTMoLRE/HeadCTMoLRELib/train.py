@@ -29,6 +29,7 @@ run stopped), ``history.json`` (one entry per epoch).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -548,7 +549,7 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
                 group_start = step - step % config.grad_accum_steps
                 group_size = min(config.grad_accum_steps, len(batches) - group_start)
                 last_in_group = step == group_start + group_size - 1
-                sync = wrapped.no_sync() if context.enabled and not last_in_group else _nullcontext()
+                sync = wrapped.no_sync() if context.enabled and not last_in_group else contextlib.nullcontext()
                 with sync:
                     with _autocast(device, run.precision):
                         output = wrapped(pixels, valid)
@@ -584,14 +585,6 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
         checkpoint(epoch, 0, None)
     status = "early_stopped" if epoch < config.max_epochs else "completed"
     return _finish(run, status, model, history, stopper, checkpoint_dir, started, elapsed_before, progress)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _epoch_record(epoch: int, sums: dict, model) -> dict:
