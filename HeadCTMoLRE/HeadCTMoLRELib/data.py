@@ -374,6 +374,12 @@ def _worker_init() -> None:
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # the pool provides the parallelism
+    try:
+        import torch  # preprocess may resample with torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
 
 
 @dataclass
