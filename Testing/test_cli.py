@@ -120,3 +120,20 @@ def test_installed_entry_point_runs(test_data):
     )
     assert completed.returncode == 2
     assert "2D" in completed.stdout or "2-D" in completed.stdout
+
+
+def test_validate_does_not_import_torch():
+    """The light commands stay fast: torch and transformers load only for commands that need them."""
+    code = ("import sys; from HeadCTMoLRELib import cli; "
+            "cli.main(['validate', sys.argv[1]]); print('torch' in sys.modules)")
+    completed = subprocess.run([sys.executable, "-c", code, "/nonexistent.nii.gz"],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.stdout.strip().splitlines()[-1] == "False", completed.stdout + completed.stderr
+
+
+def test_every_command_is_listed_with_its_arguments():
+    parser = cli.build_parser()
+    text = parser.format_help()
+    for name in ("validate", "demo", "phantoms", "info", "new-model", "infer", "train", "fine-tune", "evaluate",
+                 "benchmark"):
+        assert name in text

@@ -170,6 +170,19 @@ def _cmd_infer(args) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------- train, fine-tune
+def _cmd_train(args) -> int:
+    from . import train
+
+    return train.run_train_from_args(args)
+
+
+def _cmd_fine_tune(args) -> int:
+    from . import train
+
+    return train.run_fine_tune_from_args(args)
+
+
 # --------------------------------------------------------------------------------------------- evaluate
 def _cmd_evaluate(args) -> int:
     from . import evaluate
@@ -185,7 +198,13 @@ def _cmd_benchmark(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``command``, the heavy subcommands' arguments (which import torch) are
+    added only for that command, so `headct-molre validate` never pays for importing torch."""
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
     parser = argparse.ArgumentParser(
         prog="headct-molre",
         description="MoLRE head CT finding detection: validate inputs, run models, train, evaluate. "
@@ -252,21 +271,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="print all findings")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
+    p = add("train", _cmd_train, "Train a model bundle's adapters on labelled cases (the paper's protocol).")
+    if wanted("train"):
+        from .train import add_train_arguments
+
+        add_train_arguments(p)
+    p = add("fine-tune", _cmd_fine_tune, "Continue from a trained bundle's adapters on new labelled cases.")
+    if wanted("fine-tune"):
+        from .train import add_fine_tune_arguments
+
+        add_fine_tune_arguments(p)
+
     p = add("evaluate", _cmd_evaluate,
             "Evaluate a model bundle on labelled cases: AUCs with CIs, calibration, plots, model card.")
-    from .evaluate import add_arguments as add_evaluate_arguments
+    if wanted("evaluate"):
+        from .evaluate import add_arguments as add_evaluate_arguments
 
-    add_evaluate_arguments(p)
+        add_evaluate_arguments(p)
 
     p = add("benchmark", _cmd_benchmark, "Time each stage, count FLOPs and memory for tiny/small/base models.")
-    from .benchmark import add_arguments as add_benchmark_arguments
+    if wanted("benchmark"):
+        from .benchmark import add_arguments as add_benchmark_arguments
 
-    add_benchmark_arguments(p)
+        add_benchmark_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((word for word in argv if not word.startswith("-")), "")
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
