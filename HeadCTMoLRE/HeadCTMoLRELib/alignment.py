@@ -287,10 +287,30 @@ def load_head_template() -> sitk.Image:
 
 @dataclass(frozen=True)
 class _TemplateLevel:
-    """Template at one registration spacing: clipped HU as (1, 1, z, y, x), and its grid."""
+    """Template at one registration spacing: clipped HU as (1, 1, z, y, x), its grid, and (3,) x y z tensors
+    taking template LPS mm p to grid_sample coordinates p * scale + shift (align_corners=True: -1 and +1 are
+    the centres of the first and last voxels, ITK index 0 and n - 1), with the bounds of ITK's "inside"
+    (continuous index within [-0.5, n - 0.5]) in those coordinates."""
 
     hu: torch.Tensor
     grid: VoxelGrid
+    mm_to_normalised_scale: torch.Tensor
+    mm_to_normalised_shift: torch.Tensor
+    inside_low: torch.Tensor
+    inside_high: torch.Tensor
+
+    @classmethod
+    def of(cls, volume: DeviceVolume) -> "_TemplateLevel":
+        size = np.array(volume.grid.size, float)
+        per_index = 2.0 / np.maximum(size - 1, 1)
+        scale = per_index / volume.grid.spacing_mm
+        shift = -volume.grid.origin_mm * scale - 1.0
+
+        def tensor(values):
+            return torch.as_tensor(values, dtype=torch.float32, device=volume.hu.device)
+
+        return cls(_clip(volume.hu)[None, None].contiguous(), volume.grid, tensor(scale), tensor(shift),
+                   tensor(-0.5 * per_index - 1.0), tensor((size - 0.5) * per_index - 1.0))
 
 
 @functools.lru_cache(maxsize=1)
@@ -308,7 +328,7 @@ def _template_pyramid(device: str) -> dict[float, _TemplateLevel]:
     volume = coarse_volume(DeviceVolume.from_image(load_head_template(), device))
     for spacing_mm in sorted({level[0] for level in DESCENT_SCHEDULE}):
         shrunk = coarse_volume(volume, spacing_mm) if spacing_mm > COARSE_SPACING_MM else volume
-        levels[spacing_mm] = _TemplateLevel(_clip(shrunk.hu)[None, None].contiguous(), shrunk.grid)
+        levels[spacing_mm] = _TemplateLevel.of(shrunk)
     return levels
 
 
@@ -345,8 +365,12 @@ def _similarity(params: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tenso
     T(p) = s R (p - c) + c + t."""
     w = params[:, :3] / LEVER_ARM_MM
     zero = torch.zeros_like(w[:, 0])
-    skew = torch.stack([zero, -w[:, 2], w[:, 1], w[:, 2], zero, -w[:, 0], -w[:, 1], w[:, 0], zero], -1)
-    rotation = torch.linalg.matrix_exp(skew.view(-1, 3, 3))
+    skew = torch.stack([zero, -w[:, 2], w[:, 1], w[:, 2], zero, -w[:, 0], -w[:, 1], w[:, 0], zero], -1).view(-1, 3, 3)
+    # Rodrigues: R = I + sin(a)/a K + (1 - cos(a))/a^2 K^2 (closed form: no host synchronisation, unlike
+    # matrix_exp); the tiny offset keeps the gradient finite at a = 0, where both factors are smooth.
+    angle = torch.sqrt((w * w).sum(-1) + 1e-12)[:, None, None]
+    rotation = (torch.eye(3, dtype=params.dtype, device=params.device) + torch.sin(angle) / angle * skew
+                + (1 - torch.cos(angle)) / (angle * angle) * (skew @ skew))
     matrix = torch.exp(params[:, 6] / LEVER_ARM_MM)[:, None, None] * rotation
     offset = centre + params[:, 3:6] - matrix @ centre
     return matrix, offset
@@ -357,15 +381,12 @@ def _correlation(params: torch.Tensor, centre: torch.Tensor, fixed: _FixedPoints
     """(B,) correlation of scan and transformed template over the fixed points that land inside the
     template (index within [-0.5, n - 0.5] as ITK), and (B,) that inside fraction; one grid_sample call."""
     matrix, offset = _similarity(params, centre)
-    template_mm = fixed.points_mm @ matrix.transpose(1, 2) + offset[:, None, :]  # (B, P, 3) x y z
-    # align_corners=True: -1 and +1 are the centres of the first and last voxels (ITK index 0 and n - 1)
-    size = torch.tensor(template.grid.size, dtype=torch.float32, device=params.device)
-    index = (template_mm - torch.as_tensor(template.grid.origin_mm, dtype=torch.float32, device=params.device)) / \
-        torch.as_tensor(template.grid.spacing_mm, dtype=torch.float32, device=params.device)
-    normalised = index * (2.0 / (size - 1).clamp(min=1)) - 1.0
+    # template LPS mm -> grid_sample coordinates, folded into the transform (template direction = identity)
+    normalised = fixed.points_mm @ (matrix * template.mm_to_normalised_scale[None, :, None]).transpose(1, 2) \
+        + (offset * template.mm_to_normalised_scale + template.mm_to_normalised_shift)[:, None, :]  # (B, P, 3)
     moving = F.grid_sample(template.hu, normalised[None, None], mode="bilinear", padding_mode="border",
                            align_corners=True)[0, 0, 0]  # (B, P)
-    weight = ((index >= -0.5) & (index <= size - 0.5)).all(-1).to(torch.float32)
+    weight = ((normalised >= template.inside_low) & (normalised <= template.inside_high)).all(-1).to(torch.float32)
     count = weight.sum(-1).clamp(min=1.0)
     f = fixed.hu[None, :] - (fixed.hu[None, :] * weight).sum(-1, keepdim=True) / count[:, None]
     m = moving - (moving * weight).sum(-1, keepdim=True) / count[:, None]
