@@ -59,8 +59,22 @@ def test_demo_runs_on_the_bundled_sample(capsys):
     assert code == 0
     result = json.loads(out)
     assert result["validation"]["accepted"]
-    assert result["preprocessing"]["shape"] == [40, 3, 224, 224]
+    assert result["preprocessing"]["shape"][:2] == [40, 3]
     assert result["preprocessing"]["valid_slices"] > 20
+    if (cli.default_demo_model() / "manifest.json").is_file():
+        assert len(result["prediction"]["findings"]) == 75
+    else:
+        assert "train_demo_model.py" in result["note"]
+
+
+def test_demo_with_another_model_prints_the_findings_table(capsys, tmp_path):
+    from bundle_fixtures import make_bundle
+
+    model = make_bundle(tmp_path / "m")
+    code, out, _ = run(capsys, "demo", "--model", str(model), "--device", "cpu", "--out", str(tmp_path / "out"))
+    assert code == 0
+    assert "ACCEPTED" in out and "finding" in out and "Research use only" in out
+    assert (tmp_path / "out" / "findings.tsv").is_file()
 
 
 def test_new_model_info_and_infer_end_to_end(capsys, tmp_path, test_data):

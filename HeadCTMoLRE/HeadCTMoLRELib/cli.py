@@ -59,11 +59,24 @@ def _stack_summary(stack, timings_s: dict) -> dict:
     }
 
 
+def default_demo_model() -> Path:
+    """The bundled demo model (trained on synthetic phantoms by scripts/train_demo_model.py)."""
+    from .resources import resource_path
+
+    return resource_path("Models", "demo")
+
+
+DEMO_CAVEAT = (
+    "The demo model was trained on SYNTHETIC phantoms only: its probabilities on a real scan show that the "
+    "pipeline works, not what the scan contains. Research use only, not for clinical use."
+)
+
+
 def _cmd_demo(args) -> int:
-    from . import ctio, preprocess, terminal
+    from . import ctio, terminal
 
     source = Path(args.input) if args.input else default_sample_path()
-    t0 = time.perf_counter()
+    model = Path(args.model) if args.model else default_demo_model()
     report = ctio.validation_report(source)
     report.setdefault("source", str(source))
     if not report["accepted"]:
@@ -72,16 +85,48 @@ def _cmd_demo(args) -> int:
         else:
             print(terminal.format_validation(report))
         return EXIT_REFUSED
+    if not (model / "manifest.json").is_file():
+        return _demo_without_model(args, source, report, model)
+
+    from . import inference, outputs
+
+    log = None if args.json else (lambda message: print(f"[headct-molre] {message}", file=sys.stderr))
+    prediction = inference.predict(source, model, device=args.device, log=log)
+    written = outputs.write_prediction(prediction, args.out) if args.out else {}
+    summary = _stack_summary(prediction.stack, {k: prediction.timings_s[k] for k in ("read", "preprocess", "forward")})
+    if args.json:
+        _print_json({"validation": report, "preprocessing": summary, "model": str(model),
+                     "prediction": prediction.to_json(), "outputs": {k: str(v) for k, v in written.items()}})
+        return EXIT_OK
+    print(terminal.format_validation(report))
+    print(terminal.format_stack_summary(summary))
+    print(f"\nModel: {model}")
+    print(terminal.format_findings_table(prediction.findings(), limit=args.top))
+    print(f"\n{DEMO_CAVEAT}" if model == default_demo_model() else "\nResearch use only, not for clinical use.")
+    print(f"device {prediction.provenance['device']} ({prediction.provenance['precision']}), total "
+          f"{prediction.timings_s['total']:.1f} s")
+    for kind, path in written.items():
+        print(f"wrote {kind}: {path}")
+    return EXIT_OK
+
+
+def _demo_without_model(args, source: Path, report: dict, model: Path) -> int:
+    """No model bundle: show what the input path does and say how to get a model."""
+    from . import ctio, preprocess, terminal
+
+    t0 = time.perf_counter()
     volume = ctio.load_ct(source)
     t1 = time.perf_counter()
     stack = preprocess.preprocess(volume)
-    t2 = time.perf_counter()
-    summary = _stack_summary(stack, {"load": t1 - t0, "preprocess": t2 - t1})
+    summary = _stack_summary(stack, {"load": t1 - t0, "preprocess": time.perf_counter() - t1})
+    missing = (f"no model bundle at {model}: train the demo model with `python scripts/train_demo_model.py` "
+               f"or pass --model BUNDLE")
     if args.json:
-        _print_json({"validation": report, "preprocessing": summary})
+        _print_json({"validation": report, "preprocessing": summary, "model": None, "note": missing})
     else:
         print(terminal.format_validation(report))
         print(terminal.format_stack_summary(summary))
+        print(f"\n{missing}")
     return EXIT_OK
 
 
@@ -228,8 +273,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
-    p = add("demo", _cmd_demo, "Run the main job on the bundled real head CT (or --input).")
+    p = add("demo", _cmd_demo, "Run the demo model on the bundled real head CT (or --input / --model).")
     p.add_argument("--input", help="another image file or DICOM folder instead of the bundled sample")
+    p.add_argument("--model", help="another model bundle instead of the bundled demo model")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps, cpu")
+    p.add_argument("--out", help="also write findings TSV/JSON and the attention/expert maps (NRRD) here")
+    p.add_argument("--top", type=int, default=10, help="findings to print (default 10)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
     p = add("phantoms", _cmd_phantoms, "Write synthetic head CT phantoms with finding labels.")
