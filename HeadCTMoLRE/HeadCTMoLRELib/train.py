@@ -604,7 +604,7 @@ def _validate(run: _Run, model, record: dict, stopper: EarlyStopping, history: l
     if context.is_main:
         if len(run.val_table):
             predictions = predict_cases(model, run.val_table, preprocessing=run.start_bundle.preprocessing,
-                                        cache_dir=run.cache_dir, device="auto", precision=run.precision,
+                                        cache_dir=run.cache_dir, device=str(context.device), precision=run.precision,
                                         batch_size=run.config.batch_size, workers=0, catalog=run.table.catalog)
             aucs = auc_per_finding(predictions.probabilities, predictions.labels)
             finite = aucs[np.isfinite(aucs)]
