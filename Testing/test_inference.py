@@ -60,7 +60,8 @@ def test_router_weights_and_dominant_expert_per_slice(prediction):
 def test_contributions_sum_to_logit_minus_bias(prediction, tiny_bundle):
     from HeadCTMoLRELib import bundle
 
-    model = inference.cached_model(bundle.load_bundle(tiny_bundle), torch.device("cpu"))
+    model = inference.cached_model(bundle.load_bundle(tiny_bundle), torch.device("cpu"),
+                                   prediction.provenance["precision"])
     bias = model.classifier.bias.detach().numpy()
     np.testing.assert_allclose(prediction.contributions.sum(axis=0) + bias, prediction.logits, atol=1e-4)
 
@@ -74,11 +75,12 @@ def test_slice_positions_are_in_patient_space_and_run_inferior_to_superior(predi
 
 
 def test_predict_is_deterministic_and_reuses_the_cached_model(tiny_bundle, test_data, prediction):
+    cached = len(inference._MODEL_CACHE)
     again = inference.predict(test_data / REAL_NIFTI, tiny_bundle, device="cpu")
     np.testing.assert_array_equal(again.logits, prediction.logits)
     np.testing.assert_array_equal(again.attention, prediction.attention)
     assert again.timings_s["model"] < 0.5  # no rebuild: the first call built it
-    assert len(inference._MODEL_CACHE) == 1
+    assert len(inference._MODEL_CACHE) == cached
 
 
 def test_maps_are_written_in_the_input_geometry(prediction, tmp_path):
