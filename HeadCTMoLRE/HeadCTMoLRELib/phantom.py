@@ -4,8 +4,9 @@ No shareable labelled head CT exists, so the phantom is drawn procedurally: nest
 (scalp, subcutaneous fat, skull with outer/inner tables and diploe, extra-axial CSF, a folded cortical
 ribbon with sulci, white matter, deep grey nuclei, ventricles, cisterns, posterior fossa, skull base
 with orbits, sinuses and mastoid air cells, physiological calcifications), then findings on top, then
-in-plane blur and correlated Gaussian noise. Every number is sampled per case from a range (HU facts in
-``/work/shared/data/README.md``), and the head has a random size, position and a few degrees of rotation.
+in-plane blur and correlated Gaussian noise. Every number is sampled per case from a published range (HU
+of air, fat, CSF, grey/white matter, blood, calcification and bone), and the head has a random size,
+position and a few degrees of rotation.
 
 Conventions: the image is a ``SimpleITK.Image`` of int16 HU in LPS with identity direction (axial);
 ``sitk.GetArrayFromImage`` gives a ``(z, y, x)`` array. The *head frame* used to draw anatomy is in mm
