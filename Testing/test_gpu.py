@@ -72,3 +72,14 @@ def test_training_runs_on_cuda_in_bf16(tmp_path):
     assert all(np.isfinite(epoch["train_loss"]) for epoch in result.history)
     trained = bundle.load_bundle(result.bundle_path)
     assert trained.manifest["training"]["device"].startswith("cuda")
+
+
+def test_cuda_graph_registration_agrees_with_the_cpu(test_data):
+    """The registration's Adam steps replayed from a CUDA graph give the CPU's pose."""
+    from HeadCTMoLRELib import alignment, ctio
+
+    image = ctio.load_ct(test_data / REAL_NIFTI).image
+    on_cpu = alignment.align_to_head_frame(image, "template")
+    on_gpu = alignment.align_to_head_frame(image, "template", device="cuda")
+    assert on_gpu.info["method"] == on_cpu.info["method"] == "template"
+    np.testing.assert_allclose(on_gpu.head_to_patient, on_cpu.head_to_patient, atol=0.05)

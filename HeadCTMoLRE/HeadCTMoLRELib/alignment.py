@@ -395,19 +395,69 @@ def _correlation(params: torch.Tensor, centre: torch.Tensor, fixed: _FixedPoints
     return correlation, weight.mean(-1)
 
 
+class _AdamDescent:
+    """Adam on -correlation over the seven pose parameters, as tensors updated in place (torch.optim.Adam's
+    arithmetic: bias-corrected moments, eps added to the corrected root), so that one step can be recorded
+    as a CUDA graph and replayed: the registration's arithmetic is tiny and its time on a GPU is kernel-launch
+    latency (~190 launches per step)."""
+
+    BETAS = (0.9, 0.999)
+    EPS = 1e-8
+
+    def __init__(self, params: torch.Tensor, centre, fixed: _FixedPoints, template: _TemplateLevel):
+        self.params = params.detach().clone().requires_grad_(True)
+        self.first_moment = torch.zeros_like(self.params)
+        self.second_moment = torch.zeros_like(self.params)
+        self.steps_done = torch.zeros((), dtype=self.params.dtype, device=self.params.device)
+        self.lr = torch.zeros((), dtype=self.params.dtype, device=self.params.device)
+        self.centre, self.fixed, self.template = centre, fixed, template
+
+    def step(self) -> None:
+        beta1, beta2 = self.BETAS
+        correlation, _ = _correlation(self.params, self.centre, self.fixed, self.template)
+        (gradient,) = torch.autograd.grad(-correlation.sum(), self.params)
+        with torch.no_grad():
+            self.steps_done.add_(1)
+            self.first_moment.mul_(beta1).add_(gradient, alpha=1 - beta1)
+            self.second_moment.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+            correction1 = 1 - torch.pow(beta1, self.steps_done)
+            correction2 = 1 - torch.pow(beta2, self.steps_done)
+            denominator = (self.second_moment.sqrt() / correction2.sqrt()).add_(self.EPS)
+            self.params.sub_(self.lr / correction1 * self.first_moment / denominator)
+
+
+def _learning_rates(steps: int, first_lr: float, last_lr: float) -> list[float]:
+    """Cosine decay from first_lr to last_lr (mm per step)."""
+    return [last_lr + (first_lr - last_lr) * 0.5 * (1 + math.cos(math.pi * step / steps)) for step in range(steps)]
+
+
 def _descend(params: torch.Tensor, centre: torch.Tensor, fixed: _FixedPoints, template: _TemplateLevel,
              steps: int, first_lr: float, last_lr: float) -> torch.Tensor:
-    """Adam on -correlation for a fixed number of steps (cosine-decayed learning rate, mm per step); no
-    host synchronisation inside the loop."""
-    params = params.detach().clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([params], lr=first_lr)
-    for step in range(steps):
-        optimiser.param_groups[0]["lr"] = last_lr + (first_lr - last_lr) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        optimiser.zero_grad(set_to_none=True)
-        correlation, _ = _correlation(params, centre, fixed, template)
-        (-correlation.sum()).backward()
-        optimiser.step()
-    return params.detach()
+    """Adam on -correlation for a fixed number of steps; no host synchronisation inside the loop. On CUDA,
+    after two eager warm-up steps, one step is captured as a CUDA graph and replayed for the others."""
+    descent = _AdamDescent(params, centre, fixed, template)
+    rates = _learning_rates(steps, first_lr, last_lr)
+    device = descent.params.device
+    warmup = 2
+    if device.type != "cuda" or steps <= warmup + 1:
+        for rate in rates:
+            descent.lr.fill_(rate)
+            descent.step()
+        return descent.params.detach()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # autograd must run once outside capture on the capturing stream's side
+        for rate in rates[:warmup]:
+            descent.lr.fill_(rate)
+            descent.step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        descent.step()  # recorded, not run
+    for rate in rates[warmup:]:
+        descent.lr.fill_(rate)
+        graph.replay()
+    return descent.params.detach()
 
 
 def _register(scan: DeviceVolume, scan_mask: np.ndarray, scan_centroid: np.ndarray,
