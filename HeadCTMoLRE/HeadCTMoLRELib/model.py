@@ -268,9 +268,33 @@ def _adapter_buffers(model: HeadCTClassifier) -> dict[str, torch.Tensor]:
     return {f"molre.{name}": buffer for name, buffer in model.molre.named_buffers()}
 
 
+def _is_backbone_base(name: str) -> bool:
+    """True for a parameter name of the backbone's own (non-LoRA) weights."""
+    return name.startswith("encoder.") and "lora_" not in name
+
+
+def unfreeze_backbone(model: HeadCTClassifier) -> int:
+    """Make the backbone's own weights trainable (a stand-in for foundation pre-training when no
+    pretrained weights exist); returns how many parameters were unfrozen. They stay out of
+    `trainable_state_dict` (they are backbone weights, bundled as such) and get their own optimiser
+    group in `param_groups`."""
+    count = 0
+    for name, parameter in model.named_parameters():
+        if _is_backbone_base(name):
+            parameter.requires_grad_(True)
+            count += parameter.numel()
+    return count
+
+
+def backbone_is_trainable(model: HeadCTClassifier) -> bool:
+    """True when `unfreeze_backbone` was applied (some backbone base weight requires a gradient)."""
+    return any(p.requires_grad for name, p in model.named_parameters() if _is_backbone_base(name))
+
+
 def trainable_state_dict(model: HeadCTClassifier) -> dict[str, torch.Tensor]:
-    """LoRA A/B, MoLRE, pooling query and head (plus a given MoLRE W0), detached, with stable names."""
-    state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    """LoRA A/B, MoLRE, pooling query and head (plus a given MoLRE W0), detached, with stable names.
+    Backbone base weights are never included, even when `unfreeze_backbone` made them trainable."""
+    state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad and not _is_backbone_base(name)}
     state.update({name: b.detach() for name, b in _adapter_buffers(model).items()})
     return state
 
@@ -291,7 +315,7 @@ def _check_fits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
 
 def load_trainable_state_dict(model: HeadCTClassifier, state: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Load weights saved by `trainable_state_dict`; with strict, the key sets must match exactly."""
-    targets = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    targets = {name: p for name, p in model.named_parameters() if p.requires_grad and not _is_backbone_base(name)}
     targets.update(_adapter_buffers(model))
     _check_fits(targets, state, strict, "Adapter weights",
                 "this model (different backbone, LoRA targets, MoLRE or findings?)")
@@ -324,7 +348,7 @@ def _head_parameters(model: HeadCTClassifier) -> list[nn.Parameter]:
 
 
 def _adapter_parameters(model: HeadCTClassifier) -> list[nn.Parameter]:
-    lora = [p for name, p in model.encoder.named_parameters() if p.requires_grad]
+    lora = [p for name, p in model.encoder.named_parameters() if p.requires_grad and "lora_" in name]
     molre = list(model.molre.parameters()) if model.molre is not None else []
     return lora + molre
 
@@ -341,14 +365,19 @@ def count_parameters(model: HeadCTClassifier) -> dict[str, int]:
     }
 
 
-def param_groups(model: HeadCTClassifier, lr_heads: float = 1e-3, lr_adapters: float = 1e-4) -> list[dict[str, Any]]:
-    """AdamW parameter groups: "heads" (pooling + classifier) and "adapters" (LoRA + MoLRE)."""
+def param_groups(model: HeadCTClassifier, lr_heads: float = 1e-3, lr_adapters: float = 1e-4,
+                 lr_backbone: float = 1e-4) -> list[dict[str, Any]]:
+    """AdamW parameter groups: "heads" (pooling + classifier), "adapters" (LoRA + MoLRE) and, only after
+    `unfreeze_backbone`, "backbone" (the backbone's own weights at ``lr_backbone``)."""
     groups = [
         {"name": "heads", "params": _head_parameters(model), "lr": lr_heads},
         {"name": "adapters", "params": _adapter_parameters(model), "lr": lr_adapters},
     ]
+    backbone = [p for name, p in model.named_parameters() if p.requires_grad and _is_backbone_base(name)]
+    if backbone:
+        groups.append({"name": "backbone", "params": backbone, "lr": lr_backbone})
     grouped = {id(p) for group in groups for p in group["params"]}
     stray = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
     if stray:
-        raise RuntimeError(f"Trainable parameters outside both optimiser groups: {_short(stray)}.")
+        raise RuntimeError(f"Trainable parameters outside the optimiser groups: {_short(stray)}.")
     return groups

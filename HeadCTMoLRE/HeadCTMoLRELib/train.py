@@ -13,6 +13,9 @@ Protocol:
   positive for c, r_c = max(1, sqrt(t / f_c)), a case repeats r_i = max over its positive findings of
   r_c (1 without any) times per epoch, rounded stochastically each epoch (floor(r_i) + Bernoulli(frac)).
 - AdamW, lr 1e-3 for pooling + head, 1e-4 for LoRA + MoLRE (model.param_groups); constant rates.
+  ``train_backbone=True`` (not the paper's protocol: a stand-in for foundation pre-training when no
+  pretrained weights exist, used by scripts/train_demo_model.py) also trains the backbone's own weights
+  at ``lr_backbone``; its bundles then carry the trained backbone (always bundled).
 - augmentation: augment.AugmentConfig (the paper's list), on the training device.
 - early stopping on the mean validation AUC over findings with both classes among the validation
   cases: at least ``min_epochs`` (20), then stop after ``patience`` (5) epochs without gain, at most
@@ -82,6 +85,8 @@ class TrainConfig:
     load_balance_weight: float = 0.0
     max_minutes: float | None = None
     cache_workers: int | None = None
+    train_backbone: bool = False
+    lr_backbone: float = 1e-4
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
@@ -250,10 +255,13 @@ def save_checkpoint(folder: Path, *, model, optimizer, augment_generator, state:
     from safetensors.torch import save_file
 
     from .bundle import sha256_file
-    from .model import trainable_state_dict
+    from .backbones import base_state_dict
+    from .model import backbone_is_trainable, trainable_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in trainable_state_dict(model).items()}
+    if backbone_is_trainable(model):
+        tensors.update({f"backbone.{k}": v.detach().cpu().contiguous() for k, v in base_state_dict(model.encoder).items()})
     optimizer_state = optimizer.state_dict()
     scalars: dict[str, dict] = {}
     for index, entries in optimizer_state["state"].items():
@@ -285,7 +293,8 @@ def load_checkpoint(folder: Path, *, model, optimizer, augment_generator) -> dic
     from safetensors.torch import load_file
 
     from .bundle import sha256_file
-    from .model import load_trainable_state_dict
+    from .backbones import load_base_state_dict
+    from .model import backbone_is_trainable, load_trainable_state_dict
 
     state_path = folder / "state.json"
     if not state_path.is_file():
@@ -298,6 +307,12 @@ def load_checkpoint(folder: Path, *, model, optimizer, augment_generator) -> dic
         raise TrainError(f"{tensor_path}: missing or changed since the checkpoint was written; cannot resume.")
     tensors = load_file(str(tensor_path))
     load_trainable_state_dict(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    if bool(backbone) != backbone_is_trainable(model):
+        raise TrainError(f"{folder}: the checkpoint was made with{'' if backbone else 'out'} train_backbone; resume "
+                         "with the same settings.")
+    if backbone:
+        load_base_state_dict(model.encoder, backbone)
     optimizer_state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -471,12 +486,15 @@ def _build_training_model(run: _Run):
     import torch
 
     from .bundle import build_model
-    from .model import param_groups
+    from .model import param_groups, unfreeze_backbone
 
     torch.manual_seed(run.config.seed)
     model = build_model(run.start_bundle).to(run.context.device)
+    if run.config.train_backbone:
+        unfreeze_backbone(model)
     model.train()
-    optimizer = torch.optim.AdamW(param_groups(model, run.config.lr_heads, run.config.lr_adapters),
+    optimizer = torch.optim.AdamW(param_groups(model, run.config.lr_heads, run.config.lr_adapters,
+                                               run.config.lr_backbone),
                                   weight_decay=run.config.weight_decay)
     return model, optimizer
 
@@ -674,7 +692,7 @@ def _save_best(run: _Run, model, record: dict, history: list) -> None:
                 name=f"{bundle.name}-{run.kind}", overwrite=True,
                 description=f"{kind} from {bundle.name} on {len(run.train_cases)} case(s)"
                 + (" of SYNTHETIC phantoms (not for clinical use)" if run.table.synthetic else ""),
-                backbone_weights_dir=folder, bundle_backbone=folder is None,
+                backbone_weights_dir=folder, bundle_backbone=folder is None or run.config.train_backbone,
                 training=_provenance(run, list(history), stopper_view, None, None), metrics=metrics,
                 synthetic_training_data=bool(run.table.synthetic))
 
@@ -738,6 +756,11 @@ def _add_common_arguments(parser, model_help: str) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
     parser.add_argument("--load-balance-weight", type=float, default=0.0, help="MoLRE load-balancing loss weight (default 0)")
+    parser.add_argument("--train-backbone", action="store_true",
+                        help="also train the backbone's own weights (not the paper's protocol; for a backbone "
+                             "without foundation pre-training); the bundle then carries the trained backbone")
+    parser.add_argument("--lr-backbone", type=float, default=defaults.lr_backbone,
+                        help="learning rate of the backbone weights with --train-backbone (default 1e-4)")
 
 
 def add_train_arguments(parser) -> None:
@@ -756,6 +779,8 @@ def _config_from_args(args) -> TrainConfig:
                        lr_adapters=args.lr_adapters, seed=args.seed, device=args.device, precision=args.precision,
                        val_fraction=args.val_fraction, load_balance_weight=args.load_balance_weight,
                        max_minutes=args.max_minutes, cache_workers=args.workers,
+                       train_backbone=bool(getattr(args, "train_backbone", False)),
+                       lr_backbone=getattr(args, "lr_backbone", TrainConfig.lr_backbone),
                        augment=AugmentConfig.off() if args.no_augment else AugmentConfig())
 
 
