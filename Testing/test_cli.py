@@ -59,9 +59,15 @@ def test_demo_runs_on_the_bundled_sample(capsys):
     assert code == 0
     result = json.loads(out)
     assert result["validation"]["accepted"]
-    assert result["preprocessing"]["shape"][:2] == [40, 3]
-    assert result["preprocessing"]["valid_slices"] > 20
+    shape = result["preprocessing"]["shape"]
+    assert len(shape) == 4 and shape[1] == 3
+    assert result["preprocessing"]["valid_slices"] > shape[0] // 2
     if (cli.default_demo_model() / "manifest.json").is_file():
+        from HeadCTMoLRELib import bundle
+
+        demo = bundle.read_manifest(cli.default_demo_model())
+        assert shape == [demo["preprocessing"]["num_slices"], 3, demo["preprocessing"]["image_size"],
+                         demo["preprocessing"]["image_size"]]
         assert len(result["prediction"]["findings"]) == 75
     else:
         assert "train_demo_model.py" in result["note"]
