@@ -154,6 +154,12 @@ def write_markdown(path: Path, result: dict) -> None:
 def reading(result: dict) -> str:
     lo, mo = result["renderable"]["lora"]["mean_auc"], result["renderable"]["molre"]["mean_auc"]
     low, high = result["mean_gain_ci"]
+    if max(lo, mo) < 0.6:
+        return (f"Rendered-finding mean AUC: LoRA only {lo:.3f}, MoLRE {mo:.3f}: BOTH ARMS ARE AT CHANCE. The frozen "
+                "backbone (pre-trained here on phantoms, not a foundation model) does not represent the findings, so "
+                "neither adapter can learn them, and this run says nothing about whether MoLRE helps. Differences "
+                "per finding are noise (see their intervals). The comparison has to be repeated with a backbone that "
+                "carries the findings (a real foundation model, or a better phantom pre-training).")
     if low is not None and low > 0:
         verdict = "MoLRE is better than LoRA-only here: the paired interval of the mean gain excludes zero."
     elif high is not None and high < 0:
@@ -162,9 +168,32 @@ def reading(result: dict) -> str:
         verdict = ("The difference is within noise: the paired interval of the mean gain contains zero, so this "
                    "run does not show MoLRE beating (or losing to) LoRA-only.")
     return (f"Rendered-finding mean AUC: LoRA only {lo:.3f}, MoLRE {mo:.3f}. {verdict} One seed, one data set and a "
-            "backbone pre-trained on the very findings it is tested on (its features already separate them, which "
-            "leaves little for any adapter to add) limit what this can show; the paper's setting (a general "
-            "foundation backbone, thousands of real scans, 75 findings) is not reproduced.")
+            "small phantom-pretrained backbone limit what this can show; the paper's setting (a general foundation "
+            "backbone, thousands of real scans, 75 findings) is not reproduced.")
+
+
+def rewrite_markdown(work: Path, markdown: Path) -> None:
+    """Write the Markdown again from ``work/comparison.json`` (after a change of the text)."""
+    result = json.loads((work / "comparison.json").read_text(encoding="utf-8"))
+    result["reading"] = reading(result)
+    write_markdown(markdown, result)
+
+
+def reused_arm(path: Path, title: str, config) -> dict:
+    """The MoLRE arm from an existing bundle trained with the same settings (checked against ``config``)."""
+    from HeadCTMoLRELib import bundle, model
+
+    trained = bundle.load_bundle(path)
+    training = trained.manifest["training"]
+    stored = {k: v for k, v in training["config"].items() if k not in ("max_minutes",)}
+    wanted = {k: v for k, v in config.to_dict().items() if k not in ("max_minutes",)}
+    if stored != wanted or not trained.model_config.use_molre:
+        raise SystemExit(f"{path} was not trained with the comparison's settings; train both arms (drop --molre-bundle).")
+    counts = training["counts"]
+    return {"title": title, "bundle": str(path), "epochs_run": training["epochs_run"], "best_epoch": training["best_epoch"],
+            "best_val_mean_auc": training["best_val_mean_auc"], "train_s": training["duration_s"],
+            "trainable": model.count_parameters(bundle.build_model(trained))["trainable"],
+            "split": {"train": counts["train"], "val": counts["val"]}, "reused": True}
 
 
 def main(argv=None) -> int:
@@ -178,9 +207,11 @@ def main(argv=None) -> int:
     parser.add_argument("--n-train", type=int, default=560)
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--stage-a-minutes", type=float, default=6.0, help="only when the backbone is missing")
-    parser.add_argument("--minutes", type=float, default=3.0, help="time limit per arm (default 3, as the demo's stage B)")
+    parser.add_argument("--minutes", type=float, default=10.0, help="time limit per arm, a cap: early stopping ends the arms first (default 10)")
     parser.add_argument("--eval-n", type=int, default=150, help="fresh test phantoms (seed + 1)")
     parser.add_argument("--markdown", default="docs/comparison.md")
+    parser.add_argument("--molre-bundle", help="use this already trained MoLRE arm (e.g. Resources/Models/demo, which is "
+                        "the demo's stage B: same backbone, data, seed and settings) instead of training it again")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     started = time.perf_counter()
@@ -192,6 +223,9 @@ def main(argv=None) -> int:
     arms: dict[str, dict] = {}
     for key, use_molre, title in ARMS:
         tick = time.perf_counter()
+        if key == "molre" and args.molre_bundle:
+            arms[key] = reused_arm(Path(args.molre_bundle), title, config)
+            continue
         start = demo.start_bundle(work / f"compare-start-{key}", seed=args.seed, use_molre=use_molre,
                                   backbone_folder=backbone, origin=origin)
         result = demo.train_stage(cases_csv, start, work / f"compare-{key}", config, work / "cache", title)
