@@ -171,19 +171,10 @@ def epoch_sample_order(case_factors: np.ndarray, seed: int, epoch: int) -> np.nd
 
 def auc_per_finding(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(C,) ROC AUC per finding over cases with a known label (Mann-Whitney, ties count half); NaN
-    where the known labels do not hold both classes."""
-    probabilities, labels = np.asarray(probabilities, float), np.asarray(labels, float)
-    result = np.full(labels.shape[1], np.nan)
-    for c in range(labels.shape[1]):
-        known = np.isfinite(labels[:, c])
-        scores, truth = probabilities[known, c], labels[known, c] == 1
-        positives, negatives = int(truth.sum()), int((~truth).sum())
-        if positives == 0 or negatives == 0:
-            continue
-        _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-        ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
-        result[c] = (ranks[truth].sum() - positives * (positives + 1) / 2.0) / (positives * negatives)
-    return result
+    where the known labels do not hold both classes. The one implementation is metrics.roc_auc."""
+    from .metrics import roc_auc
+
+    return roc_auc(probabilities, labels)
 
 
 @dataclass
