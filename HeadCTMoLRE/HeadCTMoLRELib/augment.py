@@ -36,11 +36,13 @@ Randomness comes only from the ``torch.Generator`` passed in, so a run is reprod
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch.nn import functional as F
+
+from .settings import reject_unknown_settings
 
 AXES = ("lr", "ap", "si")  # column (W), row (H), slice (S) axis of the stack
 
@@ -87,10 +89,7 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AugmentConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown augmentation settings {unknown}; known: {sorted(known)}.")
+        reject_unknown_settings(cls, data, "augmentation")
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
 
 

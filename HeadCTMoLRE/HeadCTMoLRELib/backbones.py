@@ -28,13 +28,15 @@ import json
 import os
 import re
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .settings import reject_unknown_settings
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,7 +68,7 @@ class LoraSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraSpec":
-        _reject_unknown(cls, data, "LoRA")
+        reject_unknown_settings(cls, data, "LoRA")
         return cls(**data)
 
 
@@ -111,18 +113,11 @@ class BackboneSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BackboneSpec":
-        _reject_unknown(cls, data, "backbone")
+        reject_unknown_settings(cls, data, "backbone")
         data = dict(data)
         if isinstance(data.get("lora"), dict):
             data["lora"] = LoraSpec.from_dict(data["lora"])
         return cls(**data)
-
-
-def _reject_unknown(cls: type, data: dict[str, Any], what: str) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"Unknown {what} settings {unknown}; known settings are {sorted(known)}.")
 
 
 # --------------------------------------------------------------------------------------------------

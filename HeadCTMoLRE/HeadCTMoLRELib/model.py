@@ -16,7 +16,7 @@ no attention over slices (`attention` is None) and `router_weights`/`contributio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 
 from .backbones import BackboneSpec, SliceEncoder, VolumeEncoder, build_backbone
 from .molre import MoLRE, MoLREConfig
+from .settings import reject_unknown_settings
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown model settings {unknown}; known settings are {sorted(known)}.")
+        reject_unknown_settings(cls, data, "model")
         return cls(
             backbone=BackboneSpec.from_dict(data["backbone"]),
             num_findings=data["num_findings"],

@@ -20,12 +20,14 @@ optional auxiliary term (weight 0 by default).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .settings import reject_unknown_settings
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,7 @@ class MoLREConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoLREConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown MoLRE settings {unknown}; known settings are {sorted(known)}.")
+        reject_unknown_settings(cls, data, "MoLRE")
         return cls(**data)
 
 

@@ -51,6 +51,7 @@ import numpy as np
 
 from .augment import AugmentConfig
 from . import distributed
+from .settings import reject_unknown_settings
 
 CHECKPOINT_FORMAT = "headct-molre-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -107,10 +108,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainError(f"Unknown training settings {unknown}; known: {sorted(known)}.")
+        reject_unknown_settings(cls, data, "training", TrainError)
         return cls(**data)
 
 
