@@ -182,19 +182,12 @@ def _contribution_node(scene, prediction, finding_id: str, name: str, node=None)
 
 
 # ------------------------------------------------------------------------------------------ tables
-def _string_column(name: str, values) -> vtk.vtkStringArray:
-    column = vtk.vtkStringArray()
+def _column(name: str, values, numeric: bool = False):
+    """A named table column: vtkDoubleArray of floats when ``numeric``, else vtkStringArray of text."""
+    column = vtk.vtkDoubleArray() if numeric else vtk.vtkStringArray()
     column.SetName(name)
     for value in values:
-        column.InsertNextValue(str(value))
-    return column
-
-
-def _double_column(name: str, values) -> vtk.vtkDoubleArray:
-    column = vtk.vtkDoubleArray()
-    column.SetName(name)
-    for value in values:
-        column.InsertNextValue(float(value))
+        column.InsertNextValue(float(value) if numeric else str(value))
     return column
 
 
@@ -210,10 +203,10 @@ def _findings_table_node(scene, prediction, name: str):
     rows = findings_rows(prediction)
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} findings")
     for column in ("finding", "id", "category"):
-        table.AddColumn(_string_column(column, [r[column] for r in rows]))
+        table.AddColumn(_column(column, [r[column] for r in rows]))
     for column in ("probability", "threshold"):
-        table.AddColumn(_double_column(column, [r[column] for r in rows]))
-    table.AddColumn(_string_column("flag", [r["flag"] for r in rows]))
+        table.AddColumn(_column(column, [r[column] for r in rows], numeric=True))
+    table.AddColumn(_column("flag", [r["flag"] for r in rows]))
     table.SetUseColumnTitleAsColumnHeader(True)
     table.SetColumnDescription("probability", "model probability (0-1)")
     table.SetColumnDescription("threshold", "decision threshold of the model bundle")
@@ -242,7 +235,7 @@ def _plot_nodes(scene, prediction, name: str, run: str):
     curves = slice_curves(prediction)
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} slice weights")
     for column, values in curves.items():
-        table.AddColumn(_double_column(column, values))
+        table.AddColumn(_column(column, values, numeric=True))
     chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} slice plot")
     chart.SetTitle("Attention and expert weights per slice")
     chart.SetXAxisTitle("Slice position S (mm)")
