@@ -31,16 +31,16 @@ import train_demo_model as demo  # noqa: E402  (also puts HeadCTMoLRE on sys.pat
 ARMS = (("molre", True, "LoRA + MoLRE (K=6)"), ("lora", False, "LoRA only"))
 
 
-def ensure_backbone(work: Path, args) -> tuple[Path, Path]:
-    """(training cases CSV, stage-A backbone folder) from the demo's work folder, made when missing."""
+def ensure_backbone(work: Path, args) -> tuple[Path, Path, dict]:
+    """(training cases CSV, stage-A backbone folder, stage-A slice head) from the demo's work folder; stage A
+    runs first when its backbone is missing."""
+    backbone, head_file = work / "backbone", work / demo.SLICE_HEAD_FILE
+    if (backbone / "config.json").is_file() and head_file.is_file():
+        head = demo.load_slice_head(head_file)
+    else:
+        backbone, head, _ = demo.run_stage_a(demo.parse_args(["--seed", str(args.seed), "--work", str(work)]), work)
     cases_csv = demo.write_phantoms(work / "phantoms", args.n_train, args.seed)
-    backbone = work / "backbone"
-    if not (backbone / "config.json").is_file():
-        start_a = demo.start_bundle(work / "start-a", seed=args.seed, use_molre=False, backbone_folder=None, origin=None)
-        result = demo.train_stage(cases_csv, start_a, work / "stage-a",
-                                  demo.stage_a_config(args.seed, args.stage_a_minutes), work / "cache", "stage A")
-        demo.save_merged_backbone(result.bundle_path, backbone)
-    return cases_csv, backbone
+    return cases_csv, backbone, head
 
 
 def renderable_ids() -> list[str]:
@@ -87,9 +87,9 @@ def write_markdown(path: Path, result: dict) -> None:
         f"- Training: {result['n_train']} phantoms (seed {result['seed']}; {result['split']['train']} train / "
         f"{result['split']['val']} validation, the same split for both arms).",
         f"- Test: {result['n_test']} FRESH phantoms (seed {result['test_seed']}), never seen in training or validation.",
-        "- Backbone: the demo's stage-A DINOv3-architecture ViT (4 layers, width 128, patch 16, 64 px), frozen; "
+        "- Backbone: the demo's stage-A DINOv3-architecture ViT (4 layers, width 128, patch 8, 64 px; pre-trained on phantom slices with dense targets), frozen; "
         "LoRA r=8, alpha=16 on the attention projections in both arms; MoLRE K=6, rank 8, router hidden 256 "
-        "in the MoLRE arm only.",
+        "in the MoLRE arm only. Both heads start from the same stage-A slice head (each volume logit = mean of slice logits).",
         f"- Protocol (identical): focal loss gamma=2 with prevalence alpha, Repeat Factor Sampling (t=0.1), AdamW "
         f"(heads {result['config']['lr_heads']}, adapters {result['config']['lr_adapters']}), the paper's "
         f"augmentations, batch {result['config']['batch_size']}, early stopping on the validation mean AUC "
@@ -204,9 +204,8 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=str(demo.default_work_dir()), help="the demo's work folder (reused)")
-    parser.add_argument("--n-train", type=int, default=560)
+    parser.add_argument("--n-train", type=int, default=400, help="stage-B phantoms, as the demo's --n-train")
     parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--stage-a-minutes", type=float, default=6.0, help="only when the backbone is missing")
     parser.add_argument("--minutes", type=float, default=10.0, help="time limit per arm, a cap: early stopping ends the arms first (default 10)")
     parser.add_argument("--eval-n", type=int, default=150, help="fresh test phantoms (seed + 1)")
     parser.add_argument("--markdown", default="docs/comparison.md")
@@ -217,7 +216,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    cases_csv, backbone = ensure_backbone(work, args)
+    cases_csv, backbone, slice_head = ensure_backbone(work, args)
     origin = "phantom pre-training (scripts/train_demo_model.py stage A), not a foundation model"
     config = demo.stage_b_config(args.seed, args.minutes)
     arms: dict[str, dict] = {}
@@ -227,7 +226,7 @@ def main(argv=None) -> int:
             arms[key] = reused_arm(Path(args.molre_bundle), title, config)
             continue
         start = demo.start_bundle(work / f"compare-start-{key}", seed=args.seed, use_molre=use_molre,
-                                  backbone_folder=backbone, origin=origin)
+                                  backbone_folder=backbone, origin=origin, slice_head=slice_head)
         result = demo.train_stage(cases_csv, start, work / f"compare-{key}", config, work / "cache", title)
         trained = bundle.load_bundle(result.bundle_path)
         counts = trained.manifest["training"]["counts"]

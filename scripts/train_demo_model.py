@@ -4,20 +4,21 @@ SYNTHETIC DEMONSTRATION ONLY, NOT FOR CLINICAL USE: the model has never seen a p
 
 No foundation-model weights can be shipped or downloaded, so the demo stands in for them in two stages:
 
-1. Stage A (stand-in for foundation pre-training): a small ViT of the DINOv3 architecture (size "demo":
-   4 layers of width 128, patch 16, 64 px slices) is trained UNFROZEN (``TrainConfig.train_backbone``)
-   with a plain head and the focal loss on the training phantoms, without augmentation (faster learning;
-   the phantoms already vary in pose, size and noise). Its LoRA
-   deltas are merged and the result is saved as a local Hugging Face folder: the "foundation" backbone.
+1. Stage A (stand-in for foundation pre-training, ``HeadCTMoLRELib.pretrain``): a small ViT of the DINOv3
+   architecture (size "demo": 4 layers of width 128, patch 8, 64 px slices) is trained UNFROZEN on single
+   slices of phantoms with dense targets from the phantoms' finding masks: the CLS token predicts which
+   findings the slice cuts, each patch token which findings fall into its 8 x 8 px cell. Volume labels
+   alone did not train it (AUC at chance, see docs/demo_model.md).
 2. Stage B (the paper's protocol): a new bundle on that FROZEN backbone with LoRA (r=8, alpha=16) and
-   MoLRE (K=6), trained by ``train.fit`` (focal loss with prevalence alpha, Repeat Factor Sampling,
-   AdamW, augmentation, early stopping on the validation mean AUC), with raised learning rates
+   MoLRE (K=6), trained by ``train.fit`` on OTHER phantoms (focal loss with prevalence alpha, Repeat Factor
+   Sampling, AdamW, augmentation, early stopping on the validation mean AUC), with raised learning rates
    (heads 3e-3, adapters 1e-3; the paper uses 1e-3 / 1e-4 for days on GPUs, this runs minutes on 2 CPU
-   cores). The backbone is bundled so the demo bundle is self-contained (a few MB).
+   cores). Its linear head starts from the stage-A slice head (``pretrain.slice_head_init``: each volume
+   logit starts as the mean of the slice logits). The backbone is bundled (a few MB in all).
 
-Run from the repository root (about 17 minutes on 2 CPU cores)::
+Run from the repository root (about 15 minutes on 2 CPU cores)::
 
-    .venv/bin/python scripts/train_demo_model.py --out Resources/Models/demo --evaluate 200
+    .venv/bin/python scripts/train_demo_model.py --out Resources/Models/demo --evaluate 150
 
 ``--evaluate N`` then draws N FRESH phantoms (another seed) and runs ``evaluate.evaluate`` on them, which
 writes the temperature, thresholds, metrics and the model card back into the bundle (not counted in the
@@ -39,6 +40,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "HeadCTMoLRE"))
 
 DEMO_IMAGE_SIZE = 64
+DEMO_PATCH = 8  # the "demo" size's patch: an 8 x 8 grid of 28 mm cells
+#: Each renderable finding's probability per stage-A phantom (more positives per finding than stage B's 0.1).
+PRETRAIN_PREVALENCE = 0.12
 #: Slices of 3.5 mm pixels (224 mm / 64 px), 20 slices of 8 mm (160 mm, skull base to vertex): what 2 CPU
 #: cores can train in minutes; the paper's three windows (brain, subdural, bone); the head is centred,
 #: not template-registered (the template fit turns analytic phantoms by about 13 degrees).
@@ -46,8 +50,8 @@ DEMO_PREPROCESSING = dict(image_size=DEMO_IMAGE_SIZE, in_plane_fov_mm=224.0, sli
                           alignment="center")
 DEMO_NAME = "headct-molre-demo"
 DEMO_DESCRIPTION = ("SYNTHETIC DEMONSTRATION MODEL, NOT FOR CLINICAL USE. DINOv3-architecture ViT (4 layers, width "
-                    "128, patch 16, 64 px) pre-trained on synthetic head CT phantoms (stand-in for a foundation "
-                    "model), then frozen and adapted with LoRA (r=8) + MoLRE (K=6) on the same phantoms. Its "
+                    "128, patch 8, 64 px) pre-trained on synthetic head CT phantom slices with dense targets (stand-in for a "
+                    "foundation model), then frozen and adapted with LoRA (r=8) + MoLRE (K=6) on other phantoms. Its "
                     "outputs say nothing about real scans. Made by scripts/train_demo_model.py.")
 
 
@@ -99,9 +103,11 @@ def write_phantoms(out_dir: Path, n: int, seed: int, workers: int = 2) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def start_bundle(out: Path, *, seed: int, use_molre: bool, backbone_folder: Path | None, origin: str | None) -> Path:
-    """An untrained bundle: DINOv3 "demo" backbone (random, or the stage-A folder) + LoRA r=8 alpha=16
-    (+ MoLRE K=6), the demo preprocessing, the default 75-finding catalog; the backbone is bundled."""
+def start_bundle(out: Path, *, seed: int, use_molre: bool, backbone_folder: Path, origin: str,
+                 slice_head: dict | None = None) -> Path:
+    """An untrained bundle: the stage-A DINOv3 "demo" backbone + LoRA r=8 alpha=16 (+ MoLRE K=6), the demo
+    preprocessing, the default 75-finding catalog, the linear head initialised from the stage-A slice head
+    when given; the backbone is bundled."""
     import torch
 
     from HeadCTMoLRELib import backbones, bundle, findings, model, molre, preprocess
@@ -112,32 +118,14 @@ def start_bundle(out: Path, *, seed: int, use_molre: bool, backbone_folder: Path
                                   lora=backbones.LoraSpec(r=8, alpha=16))
     config = model.ModelConfig(spec, len(catalog), use_molre=use_molre, molre=molre.MoLREConfig(num_experts=6))
     classifier = model.build_classifier(config, backbone_weights_dir=backbone_folder)
+    if slice_head is not None:
+        from HeadCTMoLRELib.pretrain import slice_head_init
+
+        slice_head_init(classifier, slice_head, slice_head["finding_ids"], catalog.ids)
     return bundle.save_bundle(classifier, out, catalog=catalog, preprocessing=preprocess.PreprocessConfig(**DEMO_PREPROCESSING),
                               name=out.name, description="untrained start bundle of scripts/train_demo_model.py",
                               backbone_weights_dir=backbone_folder, bundle_backbone=True, overwrite=True,
                               synthetic_training_data=True)
-
-
-def save_merged_backbone(stage_a_bundle: Path, out: Path) -> Path:
-    """The stage-A backbone with its LoRA deltas merged, as a Hugging Face folder (config + safetensors)."""
-    from HeadCTMoLRELib import bundle
-
-    classifier = bundle.build_model(bundle.load_bundle(stage_a_bundle))
-    plain = classifier.encoder.backbone.merge_and_unload()
-    if out.exists():
-        shutil.rmtree(out)
-    plain.save_pretrained(out, safe_serialization=True)
-    return out
-
-
-def stage_a_config(seed: int, minutes: float):
-    from HeadCTMoLRELib.train import TrainConfig
-
-    from HeadCTMoLRELib.augment import AugmentConfig
-
-    return TrainConfig(train_backbone=True, lr_backbone=1e-3, lr_heads=3e-3, lr_adapters=1e-3, batch_size=8,
-                       max_epochs=60, min_epochs=8, patience=5, max_minutes=minutes, seed=seed, cache_workers=2,
-                       device="cpu", augment=AugmentConfig.off())
 
 
 def stage_b_config(seed: int, minutes: float):
@@ -171,210 +159,87 @@ def train_stage(cases_csv: Path, start: Path, out: Path, config, cache_dir: Path
     return result
 
 
-# ----------------------------------------------------------------- stage A: dense supervision from masks
-def _finding_slice_patch_labels(entry: dict, image_path: str, preprocessing_dict: dict, catalog_ids: list[str],
-                                grid: int) -> dict:
-    """Per-slice (S, C) and per-patch (S, grid, grid, C) labels of one phantom: 1 where the finding's mask
-    falls into that slice / patch of the model's stack, 0 in cases without the finding, NaN (unknown) for a
-    positive label that has no mask. The phantom is redrawn with its masks from its seed."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    from HeadCTMoLRELib.phantom import IMPLIED_LABELS, generate_phantom
-    from HeadCTMoLRELib.preprocess import PreprocessConfig, preprocess
-
-    config = PreprocessConfig.from_dict(preprocessing_dict)
-    drawn = generate_phantom(entry["findings_drawn"], int(entry["seed"]), return_masks=True)
-    stack = preprocess(sitk.ReadImage(image_path), config)
-    slices, size = config.num_slices, config.image_size
-    masks = dict(drawn.finding_masks or {})
-    for finding, implied in IMPLIED_LABELS.items():
-        for label in implied:
-            if finding in masks:
-                masks[label] = masks[label] | masks[finding] if label in masks else masks[finding]
-    positives = {fid for fid, value in drawn.labels.items() if value}
-    per_slice = np.zeros((slices, len(catalog_ids)), np.float32)
-    per_patch = np.zeros((slices, grid, grid, len(catalog_ids)), np.float32)
-    origin, spacing = np.array(drawn.image.GetOrigin()), np.array(drawn.image.GetSpacing())
-    rng = np.random.default_rng(int(entry["seed"]))
-    for column, fid in enumerate(catalog_ids):
-        if fid not in positives:
-            continue
-        if fid not in masks or not masks[fid].any():
-            per_slice[:, column] = np.nan
-            per_patch[..., column] = np.nan
-            continue
-        zyx = np.argwhere(masks[fid])
-        if len(zyx) > 20000:
-            zyx = zyx[rng.choice(len(zyx), 20000, replace=False)]
-        kji = stack.patient_to_stack_index(origin + zyx[:, ::-1] * spacing)
-        k = np.rint(kji[:, 0]).astype(int)
-        j, i = (kji[:, 1] * grid / size).astype(int), (kji[:, 2] * grid / size).astype(int)
-        inside = (k >= 0) & (k < slices) & (j >= 0) & (j < grid) & (i >= 0) & (i < grid)
-        per_slice[np.unique(k[inside]), column] = 1
-        per_patch[k[inside], j[inside], i[inside], column] = 1
-    return {"per_slice": per_slice, "per_patch": per_patch}
-
-
-def dense_labels(cases_csv: Path, preprocessing, catalog, grid: int, out: Path, workers: int = 2) -> dict:
-    """Dense labels of every case of a phantom dataset (``path`` -> dict of arrays), computed in parallel
-    and stored in ``out`` (safetensors, reused when present)."""
-    import numpy as np
-    from safetensors.numpy import load_file, save_file
-
-    root = cases_csv.parent
-    entries = json.loads((root / "metadata.json").read_text(encoding="utf-8"))
-    if out.is_file():
-        stored = load_file(str(out))
-        return {e["path"]: {"per_slice": stored[f"{n}.slice"], "per_patch": stored[f"{n}.patch"]}
-                for n, e in enumerate(entries)}
-    context = multiprocessing.get_context("spawn")
-    ids = list(catalog.ids)
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        results = list(pool.map(_finding_slice_patch_labels, entries, [str(root / e["path"]) for e in entries],
-                                [preprocessing.to_dict()] * len(entries), [ids] * len(entries),
-                                [grid] * len(entries), chunksize=4))
-    tensors = {}
-    for n, result in enumerate(results):
-        tensors[f"{n}.slice"] = np.ascontiguousarray(result["per_slice"])
-        tensors[f"{n}.patch"] = np.ascontiguousarray(result["per_patch"])
-    save_file(tensors, str(out))
-    return {e["path"]: r for e, r in zip(entries, results)}
-
-
-def _masked_bce(logits, targets):
-    import torch
-    import torch.nn.functional as F
-
-    known = ~torch.isnan(targets)
-    loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(targets), reduction="none")
-    return (loss * known).sum() / known.sum().clamp_min(1)
-
-
-def train_stage_a_dense(cases_csv: Path, start: Path, out_backbone: Path, cache_dir: Path, *, seed: int,
-                        minutes: float, lr: float = 1e-3, batch_volumes: int = 8) -> dict:
-    """Stage A with dense targets: the ViT (unfrozen) learns per-slice findings from its CLS token and
-    per-patch findings from its patch tokens (labels from the phantoms' finding masks), on the training
-    split; the epoch with the best validation mean AUC (volume score = max over slices) is saved as a
-    Hugging Face folder. Returns a summary (epochs, best epoch, validation AUC, seconds)."""
-    import numpy as np
+# ---------------------------------------------------------------------------------- stage A: pre-training
+def run_stage_a(args, work: Path) -> tuple[Path, dict, dict]:
+    """The stand-in for foundation pre-training (``pretrain.pretrain_backbone`` on phantom slices with dense
+    targets). Returns (backbone folder, slice head, JSON summary for the provenance)."""
     import torch
 
-    from HeadCTMoLRELib import bundle, data
-    from HeadCTMoLRELib.train import auc_per_finding
+    from HeadCTMoLRELib import backbones, pretrain, preprocess
 
-    started = time.perf_counter()
-    torch.manual_seed(seed)
-    start_bundle = bundle.load_bundle(start)
-    preprocessing, catalog = start_bundle.preprocessing, start_bundle.catalog
-    table = data.assign_splits(data.read_cases(cases_csv, catalog), 0.2, seed)
-    cached = data.build_cache(table.cases, preprocessing, cache_dir=cache_dir, workers=2)
-    encoder = bundle.build_model(start_bundle).encoder
-    hf = encoder.backbone.merge_and_unload()  # plain DINOv3 model (LoRA B is zero at the start)
-    for parameter in hf.parameters():
-        parameter.requires_grad_(True)
-    dim, patch = hf.config.hidden_size, hf.config.patch_size
-    grid = preprocessing.image_size // patch
-    labels = dense_labels(cases_csv, preprocessing, catalog, grid, cases_csv.parent / f"dense-labels-{grid}.safetensors")
-    root = cases_csv.parent
-    def gather(split):
-        chosen = [c for c in table.cases if c.split == split and str(c.path) in cached.files]
-        pixels, valid = data.stack_batch([cached.files[str(c.path)] for c in chosen])
-        keys = [Path(c.path).resolve().relative_to(root.resolve()).as_posix() for c in chosen]
-        per_slice = torch.from_numpy(np.stack([labels[k]["per_slice"] for k in keys]))
-        per_patch = torch.from_numpy(np.stack([labels[k]["per_patch"] for k in keys]))
-        return pixels, valid, per_slice, per_patch, np.stack([c.labels for c in chosen])
-    train_set, val_set = gather("train"), gather("val")
-    slice_head, patch_head = torch.nn.Linear(dim, len(catalog)), torch.nn.Linear(dim, len(catalog))
-    parameters = list(hf.parameters()) + list(slice_head.parameters()) + list(patch_head.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
-    mean, std = encoder.pixel_mean, encoder.pixel_std
+    config = preprocess.PreprocessConfig(**DEMO_PREPROCESSING)
+    grid = DEMO_IMAGE_SIZE // DEMO_PATCH
+    tick = time.perf_counter()
+    train_set = pretrain.make_pretrain_set(args.n_pretrain, args.seed, config, grid=grid, prevalence=PRETRAIN_PREVALENCE,
+                                           workers=args.workers)
+    val_set = pretrain.make_pretrain_set(args.n_pretrain_val, args.seed + 1000, config, grid=grid,
+                                         prevalence=PRETRAIN_PREVALENCE, workers=args.workers)
+    phantom_seconds = round(time.perf_counter() - tick, 1)
+    _log(f"stage A: {len(train_set)} + {len(val_set)} phantoms with dense targets in {phantom_seconds} s")
+    torch.manual_seed(args.seed)
+    encoder = backbones.build_backbone(backbones.BackboneSpec("dinov3", "demo", DEMO_IMAGE_SIZE))
+    hf_model = encoder.backbone.merge_and_unload()  # the plain transformers model (LoRA B is zero at the start)
+    settings = pretrain.PretrainConfig(steps=args.stage_a_steps, batch_slices=32, lr=1e-3, eval_every=1000,
+                                       seed=args.seed, max_minutes=args.stage_a_minutes)
 
-    def run(pixels, valid):
-        x = (pixels[valid].float() / 255.0 - mean) / std  # (N valid slices, 3, H, W)
-        tokens = hf(pixel_values=x).last_hidden_state
-        patches = tokens[:, -grid * grid:].reshape(-1, grid, grid, dim)
-        return slice_head(tokens[:, 0]), patch_head(patches)
+    def progress(event: dict) -> None:
+        if event["stage"] == "validate":
+            _log(f"stage A step {event['step']}: loss {event['loss']:.4f}, val mean AUC (max over slices) "
+                 f"{event['val_mean_auc']:.3f} ({event['seconds']:.0f} s)")
 
-    def validate() -> float:
-        hf.eval()
-        pixels, valid, _, _, volume_labels = val_set
-        scores = []
-        with torch.no_grad():
-            for b in range(0, len(pixels), 16):
-                slice_logits, _ = run(pixels[b:b + 16], valid[b:b + 16])
-                counts = valid[b:b + 16].sum(1).tolist()
-                scores += [chunk.max(0).values for chunk in torch.split(slice_logits, counts)]
-        aucs = auc_per_finding(torch.stack(scores).numpy(), volume_labels)
-        hf.train()
-        return float(np.nanmean(aucs))
+    result = pretrain.pretrain_backbone(hf_model, encoder.normalise, train_set, val_set, settings, progress=progress)
+    backbone = work / "backbone"
+    if backbone.exists():
+        shutil.rmtree(backbone)
+    hf_model.save_pretrained(backbone, safe_serialization=True)
+    head = {"finding_ids": list(train_set.finding_ids), **result.slice_head}
+    save_slice_head(work / SLICE_HEAD_FILE, head)
+    summary = result.summary()
+    summary.update(phantoms={"train": len(train_set), "val": len(val_set), "seeds": [args.seed, args.seed + 1000],
+                             "prevalence": PRETRAIN_PREVALENCE, "seconds": phantom_seconds},
+                   finding_ids=list(train_set.finding_ids), grid=grid,
+                   what="DINOv3-architecture ViT trained unfrozen on single phantom slices with dense targets from the "
+                        "phantoms' finding masks (slice labels on the CLS token, cell labels on the patch tokens); "
+                        "stand-in for foundation pre-training")
+    return backbone, head, summary
 
-    generator = torch.Generator().manual_seed(seed)
-    best, best_epoch, epoch, history = -1.0, 0, 0, []
-    deadline = time.perf_counter() + 60 * minutes  # training time only (labels and cache come before)
-    while time.perf_counter() < deadline:
-        epoch += 1
-        order = torch.randperm(len(train_set[0]), generator=generator)
-        losses = []
-        for b in range(0, len(order), batch_volumes):
-            if time.perf_counter() > deadline:
-                break
-            index = order[b:b + batch_volumes]
-            pixels, valid = train_set[0][index], train_set[1][index]
-            slice_logits, patch_logits = run(pixels, valid)
-            loss = _masked_bce(slice_logits, train_set[2][index][valid]) + \
-                _masked_bce(patch_logits, train_set[3][index][valid])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-        score = validate()
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "val_mean_auc": score})
-        _log(f"stage A (dense) epoch {epoch}: loss {history[-1]['loss']:.4f}, val mean AUC {score:.3f}")
-        if score > best:
-            best, best_epoch = score, epoch
-            if out_backbone.exists():
-                shutil.rmtree(out_backbone)
-            hf.save_pretrained(out_backbone, safe_serialization=True)
-    return {"epochs_run": epoch, "best_epoch": best_epoch, "best_val_mean_auc": best, "history": history,
-            "seconds": time.perf_counter() - started, "lr": lr, "batch_volumes": batch_volumes,
-            "objective": "per-slice (CLS token) and per-patch (patch tokens) binary cross-entropy on labels "
-                         "from the phantoms' finding masks"}
+
+SLICE_HEAD_FILE = "stage-a-slice-head.safetensors"
+
+
+def save_slice_head(path: Path, head: dict) -> None:
+    """The stage-A slice head (weight (F, d), bias (F,), finding ids) as safetensors."""
+    from safetensors.numpy import save_file
+
+    save_file({"weight": head["weight"], "bias": head["bias"]}, str(path),
+              metadata={"finding_ids": json.dumps(head["finding_ids"])})
+
+
+def load_slice_head(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        return {"finding_ids": json.loads(handle.metadata()["finding_ids"]), "weight": handle.get_tensor("weight"),
+                "bias": handle.get_tensor("bias")}
 
 
 # -------------------------------------------------------------------------------------------------- main
-def run_stage_a(args, cases_csv: Path, start_a: Path, work: Path, cache_dir: Path) -> tuple[Path, dict]:
-    """The stand-in for foundation pre-training; returns (backbone folder, summary for the provenance)."""
-    backbone = work / "backbone"
-    if args.stage_a == "dense":
-        summary = train_stage_a_dense(cases_csv, start_a, backbone, cache_dir, seed=args.seed,
-                                      minutes=args.stage_a_minutes)
-        summary["what"] = ("DINOv3-architecture ViT trained unfrozen on the training phantoms with dense targets "
-                           "from their finding masks; stand-in for foundation pre-training")
-        return backbone, summary
-    config = stage_a_config(args.seed, args.stage_a_minutes)
-    result = train_stage(cases_csv, start_a, work / "stage-a", config, cache_dir, "stage A")
-    save_merged_backbone(result.bundle_path, backbone)
-    return backbone, {"config": config.to_dict(), "status": result.status, "epochs_run": result.epochs_run,
-                      "best_epoch": result.best_epoch, "best_val_mean_auc": result.best_val_mean_auc,
-                      "what": "DINOv3-architecture ViT trained unfrozen (train_backbone) with volume labels only; "
-                              "LoRA merged; stand-in for foundation pre-training"}
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="Resources/Models/demo", help="bundle folder to write (replaced)")
     parser.add_argument("--work", default=str(default_work_dir()),
                         help="work folder: phantoms, cache, stage runs, backbone (default: next to the preprocessing "
                              "cache, ~/.cache/headct-molre/demo-training)")
-    parser.add_argument("--n-train", type=int, default=560, help="training + validation phantoms (default 560)")
+    parser.add_argument("--n-pretrain", type=int, default=500, help="stage-A training phantoms (default 500)")
+    parser.add_argument("--n-pretrain-val", type=int, default=100, help="stage-A validation phantoms (default 100)")
+    parser.add_argument("--n-train", type=int, default=400,
+                        help="stage-B training + validation phantoms, 80/20 (default 400)")
     parser.add_argument("--seed", type=int, default=2024, help="seed of phantoms, splits, initialisation, sampling")
-    parser.add_argument("--stage-a-minutes", type=float, default=6.0,
-                        help="training time of stage A (dense: after the labels; volume: cache included) (default 6)")
-    parser.add_argument("--stage-b-minutes", type=float, default=3.0, help="time limit of stage B (default 3)")
-    parser.add_argument("--stage-a", choices=("dense", "volume"), default="volume",
-                        help="stage-A targets: dense (per slice and patch, from the phantoms' finding masks) "
-                             "or volume (the volume labels through train.fit with train_backbone; default, made the shipped bundle)")
+    parser.add_argument("--stage-a-steps", type=int, default=4000, help="stage-A steps of 32 slices (default 4000)")
+    parser.add_argument("--stage-a-minutes", type=float, default=9.0,
+                        help="time limit of stage-A training, phantoms not counted (default 9)")
+    parser.add_argument("--stage-b-minutes", type=float, default=4.0, help="time limit of stage B (default 4)")
+    parser.add_argument("--workers", type=int, default=2, help="processes drawing phantoms (default 2)")
     parser.add_argument("--evaluate", type=int, default=0, metavar="N",
                         help="then evaluate on N fresh phantoms (seed + 1) with write-back (default: skip)")
     return parser.parse_args(argv)
@@ -394,23 +259,23 @@ def main(argv=None) -> int:
     started = time.perf_counter()
 
     tick = time.perf_counter()
-    cases_csv = write_phantoms(work / "phantoms", args.n_train, args.seed)
-    timings["phantoms_s"] = round(time.perf_counter() - tick, 1)
-    _log(f"{args.n_train} phantoms in {timings['phantoms_s']} s")
+    backbone_folder, slice_head, stage_a = run_stage_a(args, work)
+    timings["stage_a_s"] = round(time.perf_counter() - tick, 1)  # phantoms with dense targets included
+    _log(f"stage A: {stage_a['status']}, best step {stage_a['best_step']} of {stage_a['steps_run']}, val mean AUC "
+         f"{stage_a['best_val_mean_auc']:.3f}, {timings['stage_a_s']} s (phantoms included)")
 
     tick = time.perf_counter()
-    start_a = start_bundle(work / "start-a", seed=args.seed, use_molre=False, backbone_folder=None, origin=None)
-    backbone_folder, stage_a = run_stage_a(args, cases_csv, start_a, work, cache_dir)
-    timings["stage_a_s"] = round(time.perf_counter() - tick, 1)  # includes the preprocessing cache (and dense labels)
-    _log(f"stage A ({args.stage_a}): best epoch {stage_a['best_epoch']} of {stage_a['epochs_run']}, val mean AUC "
-         f"{stage_a['best_val_mean_auc']:.3f}, {timings['stage_a_s']} s (with the preprocessing cache)")
+    cases_csv = write_phantoms(work / "phantoms", args.n_train, args.seed, workers=args.workers)
+    timings["phantoms_s"] = round(time.perf_counter() - tick, 1)
+    _log(f"stage B: {args.n_train} phantoms in {timings['phantoms_s']} s")
 
     tick = time.perf_counter()
     origin = "phantom pre-training (scripts/train_demo_model.py stage A), not a foundation model"
-    start_b = start_bundle(work / "start-b", seed=args.seed, use_molre=True, backbone_folder=backbone_folder, origin=origin)
+    start_b = start_bundle(work / "start-b", seed=args.seed, use_molre=True, backbone_folder=backbone_folder,
+                           origin=origin, slice_head=slice_head)
     result_b = train_stage(cases_csv, start_b, work / "stage-b", stage_b_config(args.seed, args.stage_b_minutes),
                            cache_dir, "stage B")
-    timings["stage_b_s"] = round(time.perf_counter() - tick, 1)
+    timings["stage_b_s"] = round(time.perf_counter() - tick, 1)  # preprocessing cache included
     _log(f"stage B: {result_b.status}, best epoch {result_b.best_epoch}, val mean AUC {result_b.best_val_mean_auc:.3f}, "
          f"{timings['stage_b_s']} s")
 
@@ -419,13 +284,14 @@ def main(argv=None) -> int:
     training = dict(trained.manifest["training"])
     training["demo_pipeline"] = {
         "script": "scripts/train_demo_model.py", "arguments": vars(args), "timings_s": timings,
-        "phantoms": {"n": args.n_train, "seed": args.seed, "parts_seeds": [args.seed * 100, args.seed * 100 + 1],
-                     "prevalence": 0.1},
+        "phantoms": {"n": args.n_train, "seed": args.seed,
+                     "parts_seeds": [args.seed * 100 + k for k in range(args.workers)], "prevalence": 0.1},
         "stage_a": stage_a,
         "stage_b": {"status": result_b.status, "epochs_run": result_b.epochs_run, "best_epoch": result_b.best_epoch,
                     "best_val_mean_auc": result_b.best_val_mean_auc,
-                    "what": "frozen stage-A backbone + LoRA r=8 alpha=16 + MoLRE K=6, the paper's protocol with "
-                            "raised learning rates (heads 3e-3, adapters 1e-3)"},
+                    "what": "frozen stage-A backbone + LoRA r=8 alpha=16 + MoLRE K=6, head initialised from the "
+                            "stage-A slice head, the paper's protocol with raised learning rates (heads 3e-3, "
+                            "adapters 1e-3)"},
         "machine": f"{torch.get_num_threads()} CPU threads",
     }
     classifier = bundle.build_model(trained)

@@ -174,7 +174,7 @@ FAMILIES: dict[str, _Family] = {
             **{k: {**v, "patch_size": 16, "num_register_tokens": 0} for k, v in _TINY.items()},
             # The demo model's backbone (Resources/Models/demo): ViT with 4 layers of width 128, trained on
             # synthetic phantoms by scripts/train_demo_model.py; no published checkpoint has this size.
-            "demo": {**_vit(128, 4, 4, 256), "patch_size": 16, "num_register_tokens": 0},
+            "demo": {**_vit(128, 4, 4, 256), "patch_size": 8, "num_register_tokens": 0},
             "small": {**_vit(384, 12, 6, 1536), "patch_size": 16, "num_register_tokens": 4, "image_size": 224},
             "base": {**_vit(768, 12, 12, 3072), "patch_size": 16, "num_register_tokens": 4, "image_size": 224},
             "large": {**_vit(1024, 24, 16, 4096), "patch_size": 16, "num_register_tokens": 4, "image_size": 224},
