@@ -146,7 +146,8 @@ def write_markdown(path: Path, result: dict) -> None:
                      f"{fmt(row['auc_lora'])} | {fmt(row['auc_molre'])} | {signed(row['gain'])} | "
                      f"{fmt(row['gain_ci_low'])} to {fmt(row['gain_ci_high'])} |")
     lines += ["", "## Reading it", "", result["reading"], "",
-              "Reproduce: `.venv/bin/python scripts/compare_molre_lora.py` (raw numbers: "
+              "Reproduce: `.venv/bin/python scripts/compare_molre_lora.py --work WORK --molre-bundle Resources/Models/demo` "
+              "after `scripts/train_demo_model.py --work WORK` (raw numbers: "
               "`comparison.json` and the evaluation folder under the work folder).", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
@@ -206,7 +207,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=str(demo.default_work_dir()), help="the demo's work folder (reused)")
     parser.add_argument("--n-train", type=int, default=400, help="stage-B phantoms, as the demo's --n-train")
     parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--minutes", type=float, default=10.0, help="time limit per arm, a cap: early stopping ends the arms first (default 10)")
+    parser.add_argument("--minutes", type=float, default=4.0,
+                        help="time limit per arm, as the demo's stage B (default 4; early stopping may end an arm first)")
     parser.add_argument("--eval-n", type=int, default=150, help="fresh test phantoms (seed + 1)")
     parser.add_argument("--markdown", default="docs/comparison.md")
     parser.add_argument("--molre-bundle", help="use this already trained MoLRE arm (e.g. Resources/Models/demo, which is "
