@@ -313,8 +313,9 @@ def pretrain_backbone(hf_model, normalise: Callable, train: PretrainSet, val: Pr
                                weight.clone(), bias.clone()))
 
     for step in range(1, config.steps + 1):
-        if (should_stop and should_stop()) or (deadline and time.perf_counter() > deadline):
-            status = "cancelled" if should_stop and should_stop() else "time_limit"
+        cancelled = bool(should_stop and should_stop())
+        if cancelled or (deadline and time.perf_counter() > deadline):
+            status = "cancelled" if cancelled else "time_limit"
             step -= 1
             break
         chosen = valid_index[torch.randint(len(valid_index), (config.batch_slices,), generator=generator)]
