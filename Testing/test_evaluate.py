@@ -129,14 +129,19 @@ def test_evaluate_without_any_readable_case_raises_an_actionable_error(phantom_c
         evaluate.evaluate(cases_csv, molre, tmp_path / "out", device="cpu", cache_dir=root / "cache", n_boot=0)
 
 
-def test_cli_json_prints_mean_auc_and_per_finding(phantom_cases, tmp_path, capsys):
+def _run_evaluate_cli(phantom_cases, out_dir, *options: str) -> int:
+    """`evaluate` through its argument parser on the phantom cases, no write-back, CPU, shared cache."""
     root, labels_csv, molre, _ = phantom_cases
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)
-    args = parser.parse_args(["--cases", str(labels_csv), "--model", str(molre), "--out", str(tmp_path / "o"),
-                              "--json", "--no-write-back", "--cache", str(root / "cache"), "--device", "cpu",
-                              "--bootstrap", "20", "--target-sensitivity", "0.8"])
-    assert evaluate.run_from_args(args) == 0
+    return evaluate.run_from_args(parser.parse_args(
+        ["--cases", str(labels_csv), "--model", str(molre), "--out", str(out_dir), "--no-write-back",
+         "--cache", str(root / "cache"), "--device", "cpu", *options]))
+
+
+def test_cli_json_prints_mean_auc_and_per_finding(phantom_cases, tmp_path, capsys):
+    assert _run_evaluate_cli(phantom_cases, tmp_path / "o", "--json", "--bootstrap", "20",
+                             "--target-sensitivity", "0.8") == 0
     printed = json.loads(capsys.readouterr().out)
     assert "mean_auc" in printed and len(printed["per_finding"]) == 75
     assert printed["thresholds"]["target_sensitivity"] == 0.8
@@ -144,12 +149,6 @@ def test_cli_json_prints_mean_auc_and_per_finding(phantom_cases, tmp_path, capsy
 
 
 def test_cli_text_mode_prints_a_summary_table(phantom_cases, tmp_path, capsys):
-    root, labels_csv, molre, _ = phantom_cases
-    parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
-    args = parser.parse_args(["--cases", str(labels_csv), "--model", str(molre), "--out", str(tmp_path / "o"),
-                              "--no-write-back", "--no-calibrate", "--cache", str(root / "cache"), "--device", "cpu",
-                              "--bootstrap", "0"])
-    assert evaluate.run_from_args(args) == 0
+    assert _run_evaluate_cli(phantom_cases, tmp_path / "o", "--no-calibrate", "--bootstrap", "0") == 0
     text = capsys.readouterr().out
     assert "Mean AUC:" in text and "finding" in text and "Wrote" in text
