@@ -98,6 +98,31 @@ def test_pretraining_is_cancellable_and_keeps_the_best_weights():
     assert not vit.training  # left in eval mode with the kept weights
 
 
+def test_slice_repeat_factors_by_hand():
+    # 4 slices, 2 findings: finding 0 cut by 1 slice (share 0.25), finding 1 by 2 (share 0.5)
+    targets = np.array([[1, 0], [0, 0], [0, 1], [0, 1]])
+    factors = pretrain.slice_repeat_factors(targets, threshold=0.5)
+    np.testing.assert_allclose(factors, [np.sqrt(0.5 / 0.25), 1.0, 1.0, 1.0])
+    both = pretrain.slice_repeat_factors(np.array([[1, 1], [0, 1], [0, 0], [0, 0]]), threshold=1.0)
+    np.testing.assert_allclose(both, [np.sqrt(1 / 0.25), np.sqrt(1 / 0.5), 1.0, 1.0])  # the rarest finding counts
+    assert pretrain.slice_repeat_factors(np.zeros((3, 2)), 0.1).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="must be > 0"):
+        pretrain.slice_repeat_factors(targets, 0.0)
+
+
+def test_pretraining_with_slice_repeat_sampling_runs_and_is_reproducible():
+    data = pretrain.make_pretrain_set(3, 21, SMALL, grid=8, findings=["epidural_hematoma", "atrophy"], prevalence=0.5,
+                                      workers=0)
+    settings = pretrain.PretrainConfig(steps=3, batch_slices=4, eval_every=3, slice_repeat_threshold=0.5)
+    heads = []
+    for _ in range(2):
+        encoder, vit = _demo_vit()
+        result = pretrain.pretrain_backbone(vit, encoder.normalise, data, data, settings)
+        assert result.status == "completed" and result.config["slice_repeat_threshold"] == 0.5
+        heads.append(result.slice_head["weight"])
+    np.testing.assert_array_equal(heads[0], heads[1])
+
+
 def test_a_tiny_model_learns_phantom_findings_it_has_not_seen():
     """Learning test: the demo-size ViT (4 layers, width 128) trained from scratch for 600 steps of 32 slices
     (about a minute on 2 CPU cores, plus about a minute to draw the 260 phantoms) ranks 60 NEW phantoms

@@ -156,10 +156,13 @@ def make_pretrain_set(n: int, seed: int, preprocessing, *, grid: int, findings: 
 class PretrainConfig:
     """Settings of :func:`pretrain_backbone` (JSON-able with ``asdict``).
 
-    ``steps`` optimizer steps of ``batch_slices`` slices drawn at random from the valid slices; AdamW
+    ``steps`` optimizer steps of ``batch_slices`` slices drawn at random from the valid slices (uniformly,
+    or, with ``slice_repeat_threshold`` t, with probability proportional to the slice's repeat factor, see
+    :func:`slice_repeat_factors`: Repeat Factor Sampling of slices, so that slices cutting rare findings
+    come up more often); AdamW
     with a one-cycle schedule peaking at ``lr`` after ``warmup_fraction`` of the steps; binary
     cross-entropy on slice and cell targets with positive weights (1 - p) / p clipped to
-    ``pos_weight_cap`` (p: the target's frequency in the training set); random left-right flips
+    ``pos_weight_cap`` (p: the target's frequency among the slices as sampled); random left-right flips
     (``flip``); validation every ``eval_every`` steps (mean volume AUC, volume score = max over valid
     slices of the slice probability); the best validated weights are kept. ``max_minutes`` stops early.
     """
@@ -174,6 +177,19 @@ class PretrainConfig:
     eval_every: int = 1000
     seed: int = 0
     max_minutes: float | None = None
+    slice_repeat_threshold: float | None = None
+
+
+def slice_repeat_factors(slice_targets: np.ndarray, threshold: float) -> np.ndarray:
+    """Repeat Factor Sampling over slices: ``slice_targets`` (N, F) 0/1 (which findings each slice cuts) ->
+    (N,) factors r_s = max(1, max over the slice's findings f of sqrt(threshold / p_f)), p_f the share of
+    slices cutting f. A slice without findings, or with only common ones (p_f >= threshold), keeps 1."""
+    targets = np.asarray(slice_targets, dtype=bool)
+    if threshold <= 0:
+        raise ValueError(f"slice_repeat_threshold must be > 0, got {threshold}.")
+    share = targets.mean(0) if len(targets) else np.zeros(targets.shape[1])
+    finding_factor = np.sqrt(threshold / np.maximum(share, 1e-12))
+    return np.maximum(1.0, np.where(targets, finding_factor[None, :], 0.0).max(1, initial=0.0))
 
 
 @dataclass
@@ -283,8 +299,15 @@ def pretrain_backbone(hf_model, normalise: Callable, train: PretrainSet, val: Pr
     valid_index = torch.from_numpy(train.slice_valid.reshape(-1)).nonzero().squeeze(1)
     if len(valid_index) == 0:
         raise ValueError("the pre-training set has no valid slice.")
-    cell_frequency = cells[valid_index].float().mean((0, 1, 2))
-    slice_frequency = cells[valid_index].amax((1, 2)).float().mean(0)
+    slice_targets = cells[valid_index].amax((1, 2)).float()  # (n, F)
+    if config.slice_repeat_threshold:
+        factors = torch.from_numpy(slice_repeat_factors(slice_targets.numpy(), config.slice_repeat_threshold))
+        sampling = (factors / factors.sum()).float()
+    else:
+        sampling = torch.full((len(valid_index),), 1.0 / len(valid_index))
+    # frequencies of slice and cell targets among the slices as they will be drawn
+    cell_frequency = torch.einsum("n,nf->f", sampling, cells[valid_index].float().mean((1, 2)))
+    slice_frequency = sampling @ slice_targets
     cell_weight = _positive_weight(cell_frequency, config.pos_weight_cap)
     slice_weight = _positive_weight(slice_frequency, config.pos_weight_cap)
     parameters = list(hf_model.parameters()) + heads.parameters()
@@ -318,7 +341,11 @@ def pretrain_backbone(hf_model, normalise: Callable, train: PretrainSet, val: Pr
             status = "cancelled" if cancelled else "time_limit"
             step -= 1
             break
-        chosen = valid_index[torch.randint(len(valid_index), (config.batch_slices,), generator=generator)]
+        if config.slice_repeat_threshold:
+            drawn = torch.multinomial(sampling, config.batch_slices, replacement=True, generator=generator)
+        else:
+            drawn = torch.randint(len(valid_index), (config.batch_slices,), generator=generator)
+        chosen = valid_index[drawn]
         x, target = pixels[chosen], cells[chosen]
         if config.flip:
             flip = torch.rand(len(chosen), generator=generator) < 0.5
@@ -382,5 +409,5 @@ def default_workers() -> int:
 
 
 __all__ = ["PretrainConfig", "PretrainResult", "PretrainSet", "make_pretrain_set", "phantom_cell_labels",
-           "pretrain_backbone", "slice_head_init", "volume_scores", "default_workers"]
+           "pretrain_backbone", "slice_head_init", "slice_repeat_factors", "volume_scores", "default_workers"]
 
