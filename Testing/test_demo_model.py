@@ -97,8 +97,10 @@ def test_demo_training_script_runs_both_stages_and_evaluates(tmp_path):
     trained = bundle.load_bundle(out)
     pipeline = trained.manifest["training"]["demo_pipeline"]
     assert pipeline["stage_a"]["steps_run"] == 20 and pipeline["stage_a"]["status"] == "completed"
-    assert pipeline["stage_a"]["phantoms"] == {"train": 8, "val": 4, "seeds": [2024, 3024], "prevalence": 0.12,
+    assert pipeline["stage_a"]["phantoms"] == {"train": 8, "val": 4, "seeds": [2024, 3024], "prevalence": 0.3,
                                                "seconds": pipeline["stage_a"]["phantoms"]["seconds"]}
     assert trained.model_config.backbone.size == "demo" and trained.manifest["backbone"]["weights"]["kind"] == "bundled"
     assert (work / "evaluation" / "evaluation.json").is_file() and (out / "model_card.md").is_file()
     assert "fresh phantoms" in completed.stderr
+    shipped = json.dumps(bundle.read_manifest(out))
+    assert str(tmp_path) not in shipped and "<work>/phantoms/labels.csv" in shipped  # no folder of the making machine

@@ -527,8 +527,10 @@ def adapted_module_names(encoder: SliceEncoder | VolumeEncoder) -> list[str]:
 
 
 def transformers_config_dict(encoder: SliceEncoder | VolumeEncoder) -> dict[str, Any]:
-    """The transformers configuration as a JSON-ready dict (rebuild with build_backbone(transformers_config=))."""
+    """The transformers configuration as a JSON-ready dict (rebuild with build_backbone(transformers_config=)),
+    without ``_name_or_path``: the folder it was loaded from on the machine that made it, not needed to rebuild."""
     data = encoder.hf_config.to_dict()
+    data.pop("_name_or_path", None)
     return json.loads(json.dumps(data, default=str))
 
 
