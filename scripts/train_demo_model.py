@@ -16,7 +16,7 @@ No foundation-model weights can be shipped or downloaded, so the demo stands in 
    cores). Its linear head starts from the stage-A slice head (``pretrain.slice_head_init``: each volume
    logit starts as the mean of the slice logits). The backbone is bundled (a few MB in all).
 
-Run from the repository root (about 15 minutes on 2 CPU cores)::
+Run from the repository root (about 17 minutes on 2 CPU cores)::
 
     .venv/bin/python scripts/train_demo_model.py --out Resources/Models/demo --evaluate 150
 
@@ -304,7 +304,8 @@ def main(argv=None) -> int:
     timings["total_s"] = round(time.perf_counter() - started, 1)
     training = dict(trained.manifest["training"])
     training["demo_pipeline"] = {
-        "script": "scripts/train_demo_model.py", "arguments": {**vars(args), "work": str(work), "out": str(out)}, "timings_s": timings,
+        "script": "scripts/train_demo_model.py", "timings_s": timings,
+        "arguments": {**vars(args), "work": str(work), "out": str(out)},
         "phantoms": {"n": args.n_train, "seed": args.seed,
                      "parts_seeds": [args.seed * 100 + k for k in range(args.workers)], "prevalence": 0.1},
         "stage_a": stage_a,
