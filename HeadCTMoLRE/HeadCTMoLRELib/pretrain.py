@@ -183,13 +183,13 @@ class PretrainConfig:
 def slice_repeat_factors(slice_targets: np.ndarray, threshold: float) -> np.ndarray:
     """Repeat Factor Sampling over slices: ``slice_targets`` (N, F) 0/1 (which findings each slice cuts) ->
     (N,) factors r_s = max(1, max over the slice's findings f of sqrt(threshold / p_f)), p_f the share of
-    slices cutting f. A slice without findings, or with only common ones (p_f >= threshold), keeps 1."""
-    targets = np.asarray(slice_targets, dtype=bool)
+    slices cutting f. A slice without findings, or with only common ones (p_f >= threshold), keeps 1.
+    The slices are the "cases" of ``train.repeat_factors`` (the case-level sampler of the paper's protocol)."""
+    from .train import repeat_factors
+
     if threshold <= 0:
         raise ValueError(f"slice_repeat_threshold must be > 0, got {threshold}.")
-    share = targets.mean(0) if len(targets) else np.zeros(targets.shape[1])
-    finding_factor = np.sqrt(threshold / np.maximum(share, 1e-12))
-    return np.maximum(1.0, np.where(targets, finding_factor[None, :], 0.0).max(1, initial=0.0))
+    return repeat_factors(np.asarray(slice_targets, dtype=np.float64), threshold)[0]
 
 
 @dataclass
