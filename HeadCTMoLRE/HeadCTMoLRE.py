@@ -1,6 +1,6 @@
 """3D Slicer module of HeadCTMoLRE: the panel only wires widgets to the Qt-free library (HeadCTMoLRELib).
 
-Everything shown here is computed, and turned into MRML nodes, by ``HeadCTMoLRELib.logic.HeadCTMoLRECore``,
+Everything shown here is computed, and turned into MRML nodes, by ``HeadCTMoLRELib.slicer.logic.HeadCTMoLRECore``,
 which the test suite runs against Slicer's own core without Qt. Heavy packages (torch, transformers, peft)
 are imported only inside the background worker process, after the dependency check at the first Run.
 """
@@ -25,9 +25,9 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from HeadCTMoLRELib import dependencies
+from HeadCTMoLRELib.slicer import dependencies
 from HeadCTMoLRELib.findings import CATEGORIES
-from HeadCTMoLRELib.logic import HeadCTMoLRECore
+from HeadCTMoLRELib.slicer.logic import HeadCTMoLRECore
 from HeadCTMoLRELib.resources import resource_path
 
 DEVICES = ["auto", "cuda", "mps", "cpu"]
@@ -578,7 +578,7 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if display == getattr(self, "_appliedDisplay", None):
             return
         self._appliedDisplay = display
-        from HeadCTMoLRELib import mrml  # imported on use: keeps Slicer's start-up light
+        from HeadCTMoLRELib.slicer import mrml  # imported on use: keeps Slicer's start-up light
 
         mrml.set_overlay_opacity(slicer.mrmlScene, self._nodes, param.overlayOpacity)
         if self._foreground == "contribution":
@@ -680,10 +680,10 @@ class HeadCTMoLRETest(ScriptedLoadableModuleTest):
                          "Python packages are missing: press 'Check and install...' in the Advanced section.")
 
     def test_scenarios(self):
-        from HeadCTMoLRELib import selftest
+        from HeadCTMoLRELib.slicer import selftest
 
         scenarios = [getattr(selftest, name) for name in sorted(dir(selftest)) if name.startswith("scenario_")]
-        self.assertTrue(scenarios, "HeadCTMoLRELib.selftest defines no scenario_* function.")
+        self.assertTrue(scenarios, "HeadCTMoLRELib.slicer.selftest defines no scenario_* function.")
         for scenario in scenarios:
             self.setUp()
             self.delayDisplay(f"Running {scenario.__name__}")

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
-from HeadCTMoLRELib import backbones, bundle, findings, model, preprocess
+from HeadCTMoLRELib.model import backbones, bundle, classifier as model
+from HeadCTMoLRELib import findings
+from HeadCTMoLRELib.ct import preprocess
 
 
 def make_classifier(family: str = "dinov3", image_size: int = 32, use_molre: bool = True, seed: int = 0,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from HeadCTMoLRELib import augment
-from HeadCTMoLRELib.augment import AugmentConfig, augment_batch
+from HeadCTMoLRELib.training import augment
+from HeadCTMoLRELib.training.augment import AugmentConfig, augment_batch
 
 SPACING = {"pixel_spacing_mm": 3.5, "slice_spacing_mm": 4.0}
 

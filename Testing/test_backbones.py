@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from HeadCTMoLRELib.backbones import (
+from HeadCTMoLRELib.model.backbones import (
     BackboneSpec,
     LoraSpec,
     SliceEncoder,

@@ -13,8 +13,8 @@ import SimpleITK as sitk
 
 pytest.importorskip("slicer")
 
-from HeadCTMoLRELib import phantom  # noqa: E402
-from HeadCTMoLRELib.selftest import make_tiny_bundle  # noqa: E402
+from HeadCTMoLRELib import phantoms as phantom  # noqa: E402
+from HeadCTMoLRELib.slicer.selftest import make_tiny_bundle  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "headct_batch.py"
 
@@ -71,7 +71,7 @@ def test_resume_skips_finished_cases_and_scene_reloads(batch_run):
                              str(bundle), "--output", str(out), "--resume"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "skipped" in result.stdout
     assert (out / "good" / "scene.mrb").stat().st_mtime_ns == stamp
-    from HeadCTMoLRELib import mrml
+    from HeadCTMoLRELib.slicer import mrml
 
     nodes = mrml.find_prediction_nodes(mrml.load_scene_mrb(out / "good" / "scene.mrb"))
     assert nodes.ct is not None and nodes.findings_table.GetNumberOfRows() == 75
@@ -86,7 +86,7 @@ def test_bad_arguments_exit_with_status_two(tmp_path):
 def test_real_tilted_dicom_series_and_a_phantom_from_a_csv(tmp_path, test_data):
     """The batch mode on the real gantry-tilted GE head CT (DICOM) and a synthetic phantom, listed in a CSV:
     every output, overlays on the loaded CT's own grid, snapshots that show an image."""
-    from HeadCTMoLRELib import ctio
+    from HeadCTMoLRELib.ct import loader as ctio
 
     bundle = make_tiny_bundle(tmp_path / "tiny")
     dicom = test_data / "real" / "dcm_qa_ct_GE_tilt"

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bundle_fixtures import make_bundle, make_classifier
-from HeadCTMoLRELib import backbones, bundle, model, preprocess
+from HeadCTMoLRELib.model import backbones, bundle, classifier as model
+from HeadCTMoLRELib.ct import preprocess
 
 
 @pytest.fixture(scope="module")

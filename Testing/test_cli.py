@@ -63,7 +63,7 @@ def test_demo_runs_on_the_bundled_sample(capsys):
     assert len(shape) == 4 and shape[1] == 3
     assert result["preprocessing"]["valid_slices"] > shape[0] // 2
     if (cli.default_demo_model() / "manifest.json").is_file():
-        from HeadCTMoLRELib import bundle
+        from HeadCTMoLRELib.model import bundle
 
         demo = bundle.read_manifest(cli.default_demo_model())
         assert shape == [demo["preprocessing"]["num_slices"], 3, demo["preprocessing"]["image_size"],

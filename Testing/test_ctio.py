@@ -17,9 +17,9 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from HeadCTMoLRELib import ctio
-from HeadCTMoLRELib.ct_checks import check_grid, orientation_code
-from HeadCTMoLRELib.ctio import CTInputError, list_dicom_series, load_ct, validation_report
+from HeadCTMoLRELib.ct import loader as ctio
+from HeadCTMoLRELib.ct.checks import check_grid, orientation_code
+from HeadCTMoLRELib.ct.loader import CTInputError, list_dicom_series, load_ct, validation_report
 
 BAD = Path(__file__).resolve().parent / "Data" / "bad"
 MANIFEST = json.loads((BAD / "manifest.json").read_text())["cases"]

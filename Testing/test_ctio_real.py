@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from HeadCTMoLRELib.ctio import CTInputError, list_dicom_series, load_ct, validation_report
-from HeadCTMoLRELib.dicom_series import read_header
-from HeadCTMoLRELib.dicom_volume import read_slice_hu
+from HeadCTMoLRELib.ct.loader import CTInputError, list_dicom_series, load_ct, validation_report
+from HeadCTMoLRELib.ct.dicom_series import read_header
+from HeadCTMoLRELib.ct.dicom_volume import read_slice_hu
 
 REAL = Path(__file__).resolve().parent / "Data" / "real"
 GE_TILT = REAL / "dcm_qa_ct_GE_tilt"

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from HeadCTMoLRELib import data, findings, phantom, preprocess
-from HeadCTMoLRELib.alignment import HEAD_FRAME_CENTER_MM
+from HeadCTMoLRELib.training import cases as data
+from HeadCTMoLRELib import findings, phantoms as phantom
+from HeadCTMoLRELib.ct import preprocess
+from HeadCTMoLRELib.ct.alignment import HEAD_FRAME_CENTER_MM
 
 FINDINGS = ("epidural_hematoma", "hydrocephalus")
 PRE = preprocess.PreprocessConfig(image_size=32, in_plane_fov_mm=192.0, num_slices=8, slice_spacing_mm=16.0,
@@ -135,7 +137,7 @@ def test_cached_pixels_match_preprocess_within_quantisation(tmp_path):
     path = write_toy_case(tmp_path / "a.nii.gz", True, 0)
     result = data.build_cache([path], PRE, cache_dir=tmp_path / "cache", workers=0)
     cached = data.read_cached_stack(result.files[str(path)])
-    from HeadCTMoLRELib import ctio
+    from HeadCTMoLRELib.ct import loader as ctio
 
     direct = preprocess.preprocess(ctio.load_ct(path), PRE)
     assert np.abs(cached.pixels / 255.0 - direct.pixels).max() <= 0.5 / 255 + 1e-6
@@ -176,7 +178,7 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
 def test_predict_cases_applies_temperature_and_reports_failures(tmp_path):
     import torch
 
-    from HeadCTMoLRELib import backbones, bundle, model
+    from HeadCTMoLRELib.model import backbones, bundle, classifier as model
 
     torch.manual_seed(0)
     catalog = small_catalog()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from HeadCTMoLRELib import bundle
+from HeadCTMoLRELib.model import bundle
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "Resources" / "Models" / "demo"
@@ -48,7 +48,8 @@ def test_models_manifest_offers_the_demo_bundle():
 def test_train_backbone_trains_and_bundles_the_backbone_and_resumes_exactly(tmp_path):
     import torch
 
-    from HeadCTMoLRELib import backbones, model, train
+    from HeadCTMoLRELib.model import backbones, classifier as model
+    from HeadCTMoLRELib.training import train
     from test_data import write_toy_dataset
     from test_train import make_start_bundle, tiny_config
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from HeadCTMoLRELib import distributed, train
+from HeadCTMoLRELib.training import distributed, train
 
 
 def test_shard_gives_every_rank_the_same_number_of_samples():
@@ -29,7 +29,7 @@ def _free_port() -> int:
 def _rank_main(rank: int, world_size: int, port: int, csv_path: str, start: str, out_dir: str, cache: str) -> None:
     from safetensors.torch import save_file
 
-    from HeadCTMoLRELib import model
+    from HeadCTMoLRELib.model import classifier as model
     from test_train import tiny_config
 
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
@@ -56,6 +56,6 @@ def test_two_gloo_processes_train_identical_weights_and_write_one_bundle(tmp_pat
     start_weights = load_file(str(start / "weights" / "adapters.safetensors"))
     assert any(not torch.equal(start_weights[k], rank0[k]) for k in rank0)  # it trained
     assert sorted(p.name for p in out_dir.iterdir()) == ["checkpoint", "history.json", "model"]
-    from HeadCTMoLRELib import bundle
+    from HeadCTMoLRELib.model import bundle
 
     assert bundle.load_bundle(out_dir / "model").manifest["training"]["world_size"] == 2

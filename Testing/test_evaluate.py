@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from bundle_fixtures import make_bundle
 
-from HeadCTMoLRELib import bundle, evaluate, findings, metrics, phantom
+from HeadCTMoLRELib.model import bundle
+from HeadCTMoLRELib.evaluation import evaluate
+from HeadCTMoLRELib import findings, metrics, phantoms as phantom
 
 
 # ------------------------------------------------------------------------------------- from predictions

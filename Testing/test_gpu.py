@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bundle_fixtures import make_bundle
-from HeadCTMoLRELib import bundle, inference
+from HeadCTMoLRELib.model import bundle
+from HeadCTMoLRELib import inference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -61,7 +62,8 @@ def test_cuda_graph_forward_equals_eager(tiny_bundle):
 
 def test_training_runs_on_cuda_in_bf16(tmp_path):
     """The paper's training loop on a GPU: bf16 autocast, augmentation on the device, a bundle written."""
-    from HeadCTMoLRELib import phantom, train
+    from HeadCTMoLRELib import phantoms as phantom
+    from HeadCTMoLRELib.training import train
 
     cases = phantom.write_phantom_dataset(tmp_path / "phantoms", n=8, seed=5)
     start = make_bundle(tmp_path / "start", image_size=32)
@@ -76,7 +78,7 @@ def test_training_runs_on_cuda_in_bf16(tmp_path):
 
 def test_cuda_graph_registration_agrees_with_the_cpu(test_data):
     """The registration's Adam steps replayed from a CUDA graph give the CPU's pose."""
-    from HeadCTMoLRELib import alignment, ctio
+    from HeadCTMoLRELib.ct import alignment, loader as ctio
 
     image = ctio.load_ct(test_data / REAL_NIFTI).image
     on_cpu = alignment.align_to_head_frame(image, "template")

@@ -11,7 +11,8 @@ import SimpleITK as sitk
 import torch
 
 from bundle_fixtures import make_bundle
-from HeadCTMoLRELib import ctio, inference, outputs
+from HeadCTMoLRELib.ct import loader as ctio
+from HeadCTMoLRELib import inference, outputs
 
 REAL_NIFTI = "real/derived/GE_head_axial_1x1x5mm.nii.gz"
 REAL_DICOM = "real/dcm_qa_ct_GE_tilt"
@@ -58,7 +59,7 @@ def test_router_weights_and_dominant_expert_per_slice(prediction):
 
 
 def test_contributions_sum_to_logit_minus_bias(prediction, tiny_bundle):
-    from HeadCTMoLRELib import bundle
+    from HeadCTMoLRELib.model import bundle
 
     model = inference.cached_model(bundle.load_bundle(tiny_bundle), torch.device("cpu"),
                                    prediction.provenance["precision"])
@@ -128,7 +129,7 @@ def test_refused_input_raises_ct_input_error(tiny_bundle, test_data):
 
 
 def test_lora_merge_keeps_outputs(tiny_bundle):
-    from HeadCTMoLRELib import bundle
+    from HeadCTMoLRELib.model import bundle
 
     loaded = bundle.load_bundle(tiny_bundle)
     unmerged = bundle.build_model(loaded)
@@ -185,7 +186,7 @@ class _FakeStack:
 
 
 def test_cuda_out_of_memory_shrinks_chunks_then_falls_back_to_cpu(tiny_bundle, monkeypatch):
-    from HeadCTMoLRELib import bundle
+    from HeadCTMoLRELib.model import bundle
 
     classifier = bundle.build_model(bundle.load_bundle(tiny_bundle))
     real_forward = inference._forward
@@ -207,7 +208,7 @@ def test_cuda_out_of_memory_shrinks_chunks_then_falls_back_to_cpu(tiny_bundle, m
 
 
 def test_cuda_out_of_memory_recovers_with_smaller_chunks(tiny_bundle, monkeypatch):
-    from HeadCTMoLRELib import bundle
+    from HeadCTMoLRELib.model import bundle
 
     classifier = bundle.build_model(bundle.load_bundle(tiny_bundle))
     real_forward = inference._forward
@@ -229,8 +230,8 @@ def test_cuda_out_of_memory_recovers_with_smaller_chunks(tiny_bundle, monkeypatc
 
 def test_static_shape_path_for_cuda_graphs_gives_the_same_outputs(tiny_bundle, monkeypatch):
     """CUDA-graph capture and torch.compile encode every slice and zero the invalid ones afterwards."""
-    from HeadCTMoLRELib import bundle
-    from HeadCTMoLRELib import model as model_lib
+    from HeadCTMoLRELib.model import bundle
+    from HeadCTMoLRELib.model import classifier as model_lib
 
     classifier = bundle.build_model(bundle.load_bundle(tiny_bundle))
     torch.manual_seed(1)
@@ -251,7 +252,7 @@ def test_fused_dinov3_attention_gives_the_trained_models_outputs():
     import copy
 
     from bundle_fixtures import make_classifier
-    from HeadCTMoLRELib.fused_attention import FusedRotaryAttention, fuse_dinov3_attention
+    from HeadCTMoLRELib.model.fused_attention import FusedRotaryAttention, fuse_dinov3_attention
 
     classifier, _ = make_classifier(image_size=64)  # tiny dinov3 with random LoRA/MoLRE weights
     merged = copy.deepcopy(classifier)
@@ -271,7 +272,7 @@ def test_fused_dinov3_attention_gives_the_trained_models_outputs():
 
 def test_fusing_before_merging_is_refused():
     from bundle_fixtures import make_classifier
-    from HeadCTMoLRELib.fused_attention import fuse_dinov3_attention
+    from HeadCTMoLRELib.model.fused_attention import fuse_dinov3_attention
 
     classifier, _ = make_classifier()
     with pytest.raises(ValueError, match="after merging LoRA"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from HeadCTMoLRELib.backbones import BackboneSpec
-from HeadCTMoLRELib.model import (
+from HeadCTMoLRELib.model.backbones import BackboneSpec
+from HeadCTMoLRELib.model.classifier import (
     AttentionPool,
     HeadCTClassifier,
     ModelConfig,
@@ -18,7 +18,7 @@ from HeadCTMoLRELib.model import (
     param_groups,
     trainable_state_dict,
 )
-from HeadCTMoLRELib.molre import MoLREConfig
+from HeadCTMoLRELib.model.molre import MoLREConfig
 
 FINDINGS = 5
 MOLRE = MoLREConfig(num_experts=3, rank=2, router_hidden=16)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from HeadCTMoLRELib import dependencies
+from HeadCTMoLRELib.slicer import dependencies
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "HeadCTMoLRE"
@@ -152,8 +152,27 @@ def cmake_list(text: str, variable: str, substitutions: dict[str, str]) -> list[
     return items
 
 
+def library_file(module: str) -> Path | None:
+    """The file of a HeadCTMoLRELib module or package (``HeadCTMoLRELib.ct.loader`` -> ct/loader.py), or None."""
+    parts = module.split(".")[1:]
+    for path in (LIB_DIR.joinpath(*parts).with_suffix(".py"), LIB_DIR.joinpath(*parts, "__init__.py")):
+        if parts and path.is_file() or not parts and path.name == "__init__.py":
+            return path
+    return None
+
+
+def package_exports(init_file: Path) -> set[str]:
+    """Names in a package ``__init__``'s ``__all__`` (its lazy re-exports)."""
+    for node in ast.parse(init_file.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
 def top_level_imports(tree: ast.Module, package: str | None = None) -> list[str]:
-    """Absolute names of the modules imported when the file is imported (not inside functions)."""
+    """Absolute names of the modules imported when the file is imported (not inside functions).
+    ``package`` is the dotted package of the file (for relative imports); ``from P import name`` also
+    counts ``P.name`` when that is a module of ours."""
     names = []
 
     def visit(statements):
@@ -161,17 +180,18 @@ def top_level_imports(tree: ast.Module, package: str | None = None) -> list[str]
             if isinstance(node, ast.Import):
                 names.extend(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
-                if node.level:  # relative: from . import x / from .x import y
-                    base = package or ""
+                if node.level:  # relative: from . import x / from ..x import y
+                    parts = (package or "").split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1])
                     target = f"{base}.{node.module}" if node.module else base
-                    if node.module:
-                        names.append(target)
-                    else:
-                        names.extend(f"{base}.{alias.name}" for alias in node.names)
-                elif node.module == "HeadCTMoLRELib":
-                    names.extend(f"HeadCTMoLRELib.{alias.name}" for alias in node.names)
                 else:
-                    names.append(node.module)
+                    target = node.module
+                names.append(target)
+                target_file = library_file(target) if target.split(".")[0] == "HeadCTMoLRELib" else None
+                if target_file is not None and target_file.name == "__init__.py":
+                    # from a package: a module of it, or a name it exports; anything else is missing
+                    exported = package_exports(target_file)
+                    names.extend(f"{target}.{alias.name}" for alias in node.names if alias.name not in exported)
             elif isinstance(node, (ast.Try, ast.If)):
                 visit(node.body)
                 visit(node.orelse)
@@ -199,12 +219,14 @@ def import_violations(tree: ast.Module, package: str | None = None, seen: set[st
             continue
         if name.startswith("HeadCTMoLRELib.") and name not in seen:
             seen.add(name)
-            path = LIB_DIR.joinpath(*name.split(".")[1:]).with_suffix(".py")
-            if not path.is_file():
-                problems.append(f"{where}: imports {name}, which does not exist ({path})")
+            path = library_file(name)
+            if path is None:
+                problems.append(f"{where}: imports {name}, which does not exist")
                 continue
             sub = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-            problems += import_violations(sub, "HeadCTMoLRELib", seen, where=f"HeadCTMoLRELib/{path.name}")
+            package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+            problems += import_violations(sub, package, seen,
+                                          where=f"HeadCTMoLRELib/{path.relative_to(LIB_DIR).as_posix()}")
     return problems
 
 
@@ -333,7 +355,8 @@ def test_widget_compatibility_table_rejects_what_slicer_rejects():
 def test_cmake_lists_every_library_file_and_nothing_else():
     text = MODULE_CMAKE.read_text(encoding="utf-8")
     scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS", {"MODULE_NAME": "HeadCTMoLRE"})
-    on_disk = {"HeadCTMoLRE.py"} | {f"HeadCTMoLRELib/{p.name}" for p in LIB_DIR.glob("*.py")}
+    on_disk = {"HeadCTMoLRE.py"} | {f"HeadCTMoLRELib/{p.relative_to(LIB_DIR).as_posix()}"
+                                         for p in LIB_DIR.rglob("*.py")}
     assert len(scripts) == len(set(scripts)), "duplicate entries in MODULE_PYTHON_SCRIPTS"
     assert not on_disk - set(scripts), f"add to MODULE_PYTHON_SCRIPTS: {sorted(on_disk - set(scripts))}"
     assert not set(scripts) - on_disk, f"listed but missing on disk: {sorted(set(scripts) - on_disk)}"
@@ -446,8 +469,8 @@ def test_python_version_gate_refuses_slicer_5_8_python():
 
 
 def test_dependency_module_imports_no_torch():
-    tree = ast.parse((LIB_DIR / "dependencies.py").read_text(encoding="utf-8"))
-    names = {n.split(".")[0] for n in top_level_imports(tree, "HeadCTMoLRELib")}
+    tree = ast.parse((LIB_DIR / "slicer" / "dependencies.py").read_text(encoding="utf-8"))
+    names = {n.split(".")[0] for n in top_level_imports(tree, "HeadCTMoLRELib.slicer")}
     assert names <= set(sys.stdlib_module_names), names
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from HeadCTMoLRELib.molre import (
+from HeadCTMoLRELib.model.molre import (
     MoLRE,
     MoLREConfig,
     expert_usage,

@@ -8,9 +8,10 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 
-from HeadCTMoLRELib import inference, mrml, phantom, slicer_app  # noqa: E402
-from HeadCTMoLRELib.ctio import CTInputError, CTVolume  # noqa: E402
-from HeadCTMoLRELib.selftest import _png_has_content, check_prediction_nodes, make_tiny_bundle  # noqa: E402
+from HeadCTMoLRELib import inference, phantoms as phantom
+from HeadCTMoLRELib.slicer import mrml, app as slicer_app  # noqa: E402
+from HeadCTMoLRELib.ct.loader import CTInputError, CTVolume  # noqa: E402
+from HeadCTMoLRELib.slicer.selftest import _png_has_content, check_prediction_nodes, make_tiny_bundle  # noqa: E402
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from HeadCTMoLRELib.findings import CATEGORIES, default_catalog
-from HeadCTMoLRELib.phantom import (
+from HeadCTMoLRELib.phantoms import (
     IMPLIED_LABELS,
     RENDERABLE_FINDINGS,
     generate_phantom,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from HeadCTMoLRELib.alignment import align_to_head_frame, load_head_template, rotation_angle_deg
-from HeadCTMoLRELib.preprocess import PreprocessConfig, apply_windows, preprocess, stack_to_image
+from HeadCTMoLRELib.ct.alignment import align_to_head_frame, load_head_template, rotation_angle_deg
+from HeadCTMoLRELib.ct.preprocess import PreprocessConfig, apply_windows, preprocess, stack_to_image
 
 GE_HEAD = ("real", "derived", "GE_head_axial_1x1x5mm.nii.gz")
 BONE_WINDOW = 2  # channel of the [-800, 2000] HU window
@@ -328,7 +328,7 @@ def test_single_slice_volume_and_ctvolume_like_input_are_handled(ge_head):
 
 
 def test_stack_head_mask_matches_itk_opening_components_and_hole_filling(ge_stack):
-    from HeadCTMoLRELib.preprocess import head_mask_slices
+    from HeadCTMoLRELib.ct.preprocess import head_mask_slices
     import torch
 
     window = ge_stack.pixels[:, BONE_WINDOW] * 2800.0 - 800.0  # back to HU (clipped at -800 / 2000)

@@ -1,10 +1,13 @@
-"""Dense pre-training on phantoms (HeadCTMoLRELib.pretrain): targets from masks, head transfer, learning."""
+"""Dense pre-training on phantoms (HeadCTMoLRELib.training.pretrain): targets from masks, head transfer, learning."""
 
 import numpy as np
 import pytest
 import torch
 
-from HeadCTMoLRELib import backbones, findings, metrics, model, phantom, pretrain, preprocess
+from HeadCTMoLRELib.model import backbones, classifier as model
+from HeadCTMoLRELib import findings, metrics, phantoms as phantom
+from HeadCTMoLRELib.training import pretrain
+from HeadCTMoLRELib.ct import preprocess
 
 SMALL = preprocess.PreprocessConfig(image_size=64, in_plane_fov_mm=224.0, slice_spacing_mm=8.0, num_slices=20,
                                     alignment="center")

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from HeadCTMoLRELib import findings, metrics, report
+from HeadCTMoLRELib import findings, metrics
+from HeadCTMoLRELib.evaluation import report
 
 nan = math.nan
 
@@ -73,7 +74,8 @@ def test_plots_never_import_pyplot(tmp_path):
     # pyplot's global figure state leaks between plots and can open windows inside Slicer
     code = (
         "import sys, numpy as np\n"
-        "from HeadCTMoLRELib import report, findings, metrics\n"
+        "from HeadCTMoLRELib import findings, metrics\n"
+        "from HeadCTMoLRELib.evaluation import report\n"
         f"out = {str(tmp_path)!r}\n"
         "c = findings.default_catalog()\n"
         "report.radar_plot(out + '/r.png', c, {'m': np.linspace(0.5, 1, len(c))})\n"

@@ -6,7 +6,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from HeadCTMoLRELib import selftest, slicer_app  # noqa: E402
+from HeadCTMoLRELib.slicer import selftest, app as slicer_app  # noqa: E402
 
 
 def test_full_path_scenario_passes_on_a_phantom(tmp_path):
@@ -20,7 +20,8 @@ def test_full_path_scenario_passes_on_a_phantom(tmp_path):
 def test_scenario_check_reports_a_broken_overlay(tmp_path):
     scene = slicer.vtkMRMLScene()
     slicer_app.scene_logics(scene)
-    from HeadCTMoLRELib import inference, mrml, phantom
+    from HeadCTMoLRELib import inference, phantoms as phantom
+    from HeadCTMoLRELib.slicer import mrml
 
     bundle = selftest.make_tiny_bundle(tmp_path / "tiny")
     prediction = inference.predict(_volume(phantom.generate_phantom([], seed=4)), bundle, "cpu")
@@ -33,6 +34,6 @@ def test_scenario_check_reports_a_broken_overlay(tmp_path):
 def _volume(case):
     import SimpleITK as sitk
 
-    from HeadCTMoLRELib.ctio import CTVolume
+    from HeadCTMoLRELib.ct.loader import CTVolume
 
     return CTVolume(image=sitk.Cast(case.image, sitk.sitkFloat32))

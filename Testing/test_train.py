@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from HeadCTMoLRELib import backbones, bundle, data, model, train
-from HeadCTMoLRELib.augment import AugmentConfig
+from HeadCTMoLRELib.model import backbones, bundle, classifier as model
+from HeadCTMoLRELib.training import cases as data, train
+from HeadCTMoLRELib.training.augment import AugmentConfig
 from test_data import PRE, small_catalog, write_toy_dataset
 
 

@@ -10,8 +10,9 @@ import psutil
 import pytest
 import SimpleITK as sitk
 
-from HeadCTMoLRELib import phantom, worker
-from HeadCTMoLRELib.selftest import make_tiny_bundle
+from HeadCTMoLRELib import phantoms as phantom
+from HeadCTMoLRELib.slicer import worker
+from HeadCTMoLRELib.slicer.selftest import make_tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,8 @@ def test_cancel_ends_worker_and_children_within_two_seconds(client):
 def test_import_model_refuses_zip_with_path_traversal(tmp_path, monkeypatch, tiny_bundle):
     import zipfile
 
-    from HeadCTMoLRELib import bundle, logic
+    from HeadCTMoLRELib.model import bundle
+    from HeadCTMoLRELib.slicer import logic
 
     monkeypatch.setenv(logic.MODELS_ENV, str(tmp_path / "models"))
     evil = tmp_path / "evil.zip"
@@ -114,7 +116,7 @@ def test_import_model_refuses_zip_with_path_traversal(tmp_path, monkeypatch, tin
 
 def test_background_job_result_shows_the_same_nodes_as_the_blocking_run(tmp_path, tiny_bundle):
     slicer = pytest.importorskip("slicer")
-    from HeadCTMoLRELib import logic, mrml, slicer_app
+    from HeadCTMoLRELib.slicer import logic, mrml, app as slicer_app
 
     scene = slicer.vtkMRMLScene()
     slicer_app.scene_logics(scene)

@@ -44,7 +44,7 @@ def ensure_backbone(work: Path, args) -> tuple[Path, Path, dict]:
 
 
 def renderable_ids() -> list[str]:
-    from HeadCTMoLRELib.phantom import RENDERABLE_FINDINGS
+    from HeadCTMoLRELib.phantoms import RENDERABLE_FINDINGS
 
     return list(RENDERABLE_FINDINGS)
 
@@ -182,7 +182,7 @@ def rewrite_markdown(work: Path, markdown: Path) -> None:
 
 def reused_arm(path: Path, title: str, config) -> dict:
     """The MoLRE arm from an existing bundle trained with the same settings (checked against ``config``)."""
-    from HeadCTMoLRELib import bundle, model
+    from HeadCTMoLRELib.model import bundle, classifier as model
 
     trained = bundle.load_bundle(path)
     training = trained.manifest["training"]
@@ -200,8 +200,8 @@ def reused_arm(path: Path, title: str, config) -> dict:
 def main(argv=None) -> int:
     import torch
 
-    from HeadCTMoLRELib import bundle, model
-    from HeadCTMoLRELib.evaluate import COMPARISON_TSV, evaluate
+    from HeadCTMoLRELib.model import bundle, classifier as model
+    from HeadCTMoLRELib.evaluation.evaluate import COMPARISON_TSV, evaluate
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=str(demo.default_work_dir()), help="the demo's work folder (reused)")

@@ -85,7 +85,7 @@ def most_attended_positions(prediction, count: int) -> list[float]:
     """RAS S (mm) of the ``count`` valid slices with the highest attention (highest first)."""
     import numpy as np
 
-    from HeadCTMoLRELib import mrml
+    from HeadCTMoLRELib.slicer import mrml
 
     curves = mrml.slice_curves(prediction)
     weights = curves.get(mrml.ATTENTION_COLUMN)
@@ -108,7 +108,8 @@ def run_case(case_id: str, source: Path, out_dir: Path, model_path: Path, device
     """Everything for one case into ``out_dir``; returns a summary dict (probabilities by finding id)."""
     import slicer
 
-    from HeadCTMoLRELib import inference, mrml, outputs, slicer_app
+    from HeadCTMoLRELib import inference, outputs
+    from HeadCTMoLRELib.slicer import mrml, app as slicer_app
 
     out_dir.mkdir(parents=True, exist_ok=True)
     prediction = inference.predict(str(source), str(model_path), device)
@@ -164,8 +165,8 @@ def main(argv=None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as stop:
         return EXIT_ARGUMENTS if stop.code else EXIT_OK
-    from HeadCTMoLRELib import bundle as bundle_lib
-    from HeadCTMoLRELib.logic import resolve_model
+    from HeadCTMoLRELib.model import bundle as bundle_lib
+    from HeadCTMoLRELib.slicer.logic import resolve_model
 
     try:
         cases = list_cases(args.input)

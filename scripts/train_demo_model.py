@@ -4,7 +4,7 @@ SYNTHETIC DEMONSTRATION ONLY, NOT FOR CLINICAL USE: the model has never seen a p
 
 No foundation-model weights can be shipped or downloaded, so the demo stands in for them in two stages:
 
-1. Stage A (stand-in for foundation pre-training, ``HeadCTMoLRELib.pretrain``): a small ViT of the DINOv3
+1. Stage A (stand-in for foundation pre-training, ``HeadCTMoLRELib.training.pretrain``): a small ViT of the DINOv3
    architecture (size "demo": 4 layers of width 128, patch 8, 64 px slices) is trained UNFROZEN on single
    slices of phantoms with dense targets from the phantoms' finding masks: the CLS token predicts which
    findings the slice cuts, each patch token which findings fall into its 8 x 8 px cell. Volume labels
@@ -66,14 +66,14 @@ def _log(message: str) -> None:
 
 def default_work_dir() -> Path:
     """``demo-training`` next to the default preprocessing cache (outside the repository)."""
-    from HeadCTMoLRELib.data import default_cache_dir
+    from HeadCTMoLRELib.training.cases import default_cache_dir
 
     return default_cache_dir().parent / "demo-training"
 
 
 # ------------------------------------------------------------------------------------------------ data
 def _write_part(folder: str, n: int, seed: int) -> str:
-    from HeadCTMoLRELib.phantom import write_phantom_dataset
+    from HeadCTMoLRELib.phantoms import write_phantom_dataset
 
     return str(write_phantom_dataset(folder, n, seed))
 
@@ -115,7 +115,9 @@ def start_bundle(out: Path, *, seed: int, use_molre: bool, backbone_folder: Path
     when given; the backbone is bundled."""
     import torch
 
-    from HeadCTMoLRELib import backbones, bundle, findings, model, molre, preprocess
+    from HeadCTMoLRELib.model import backbones, bundle, classifier as model, molre
+    from HeadCTMoLRELib import findings
+    from HeadCTMoLRELib.ct import preprocess
 
     torch.manual_seed(seed)
     catalog = findings.default_catalog()
@@ -124,7 +126,7 @@ def start_bundle(out: Path, *, seed: int, use_molre: bool, backbone_folder: Path
     config = model.ModelConfig(spec, len(catalog), use_molre=use_molre, molre=molre.MoLREConfig(num_experts=6))
     classifier = model.build_classifier(config, backbone_weights_dir=backbone_folder)
     if slice_head is not None:
-        from HeadCTMoLRELib.pretrain import slice_head_init
+        from HeadCTMoLRELib.training.pretrain import slice_head_init
 
         slice_head_init(classifier, slice_head, slice_head["finding_ids"], catalog.ids)
     return bundle.save_bundle(classifier, out, catalog=catalog, preprocessing=preprocess.PreprocessConfig(**DEMO_PREPROCESSING),
@@ -134,14 +136,14 @@ def start_bundle(out: Path, *, seed: int, use_molre: bool, backbone_folder: Path
 
 
 def stage_b_config(seed: int, minutes: float):
-    from HeadCTMoLRELib.train import TrainConfig
+    from HeadCTMoLRELib.training.train import TrainConfig
 
     return TrainConfig(lr_heads=3e-3, lr_adapters=1e-3, batch_size=8, max_epochs=40, min_epochs=6, patience=4,
                        max_minutes=minutes, seed=seed, cache_workers=2, device="cpu")
 
 
 def _progress(prefix: str):
-    from HeadCTMoLRELib.train import ProgressPrinter
+    from HeadCTMoLRELib.training.train import ProgressPrinter
 
     printer = ProgressPrinter(sys.stderr)
 
@@ -154,7 +156,7 @@ def _progress(prefix: str):
 
 
 def train_stage(cases_csv: Path, start: Path, out: Path, config, cache_dir: Path, label: str):
-    from HeadCTMoLRELib.train import TrainError, fit
+    from HeadCTMoLRELib.training.train import TrainError, fit
 
     if out.exists():
         shutil.rmtree(out)
@@ -170,7 +172,9 @@ def run_stage_a(args, work: Path) -> tuple[Path, dict, dict]:
     targets). Returns (backbone folder, slice head, JSON summary for the provenance)."""
     import torch
 
-    from HeadCTMoLRELib import backbones, pretrain, preprocess
+    from HeadCTMoLRELib.model import backbones
+    from HeadCTMoLRELib.training import pretrain
+    from HeadCTMoLRELib.ct import preprocess
 
     config = preprocess.PreprocessConfig(**DEMO_PREPROCESSING)
     grid = DEMO_IMAGE_SIZE // DEMO_PATCH
@@ -269,7 +273,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     import torch
 
-    from HeadCTMoLRELib import bundle, report
+    from HeadCTMoLRELib.model import bundle
+    from HeadCTMoLRELib.evaluation import report
 
     args = parse_args(argv)
     torch.set_num_threads(2)
@@ -327,7 +332,7 @@ def main(argv=None) -> int:
     _log(f"wrote {out} in {timings['total_s']} s in all ({timings})")
 
     if args.evaluate:
-        from HeadCTMoLRELib.evaluate import evaluate
+        from HeadCTMoLRELib.evaluation.evaluate import evaluate
 
         tick = time.perf_counter()
         eval_csv = write_phantoms(work / "fresh-phantoms", args.evaluate, args.seed + 1)

@@ -133,8 +133,10 @@ def benchmark_size(
 ) -> dict:
     import torch
 
-    from . import backbones, bundle, findings, inference, model, preprocess
-    from .fused_attention import fuse_dinov3_attention
+    from .model import backbones, bundle, classifier as model
+    from . import findings, inference
+    from .ct import preprocess
+    from .model.fused_attention import fuse_dinov3_attention
 
     torch_device = inference.select_device(device)
     chosen = inference.select_precision(torch_device, precision)
@@ -295,7 +297,7 @@ def add_arguments(parser) -> None:
 
 
 def run_from_args(args) -> int:
-    from .cli import default_sample_path
+    from .resources import default_sample_path
 
     source = None if args.no_end_to_end else (args.input or default_sample_path())
     report = run_benchmark(

@@ -29,7 +29,8 @@ def _print_json(obj) -> None:
 
 # --------------------------------------------------------------------------------------------- validate
 def _cmd_validate(args) -> int:
-    from . import ctio, terminal
+    from .ct import loader as ctio
+    from . import terminal
 
     report = ctio.validation_report(args.input, series=args.series, hu_offset=args.hu_offset)
     report.setdefault("source", str(args.input))
@@ -41,13 +42,6 @@ def _cmd_validate(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- demo
-def default_sample_path() -> Path:
-    """The bundled real head CT that `headct-molre demo` runs on (Resources/Samples)."""
-    from .resources import resource_path
-
-    return resource_path("Samples", "GE_head_axial_1x1x5mm.nii.gz")
-
-
 def _stack_summary(stack, timings_s: dict) -> dict:
     return {
         "shape": list(stack.pixels.shape),
@@ -73,7 +67,10 @@ DEMO_CAVEAT = (
 
 
 def _cmd_demo(args) -> int:
-    from . import ctio, terminal
+    from .ct import loader as ctio
+    from . import terminal
+
+    from .resources import default_sample_path
 
     source = Path(args.input) if args.input else default_sample_path()
     model = Path(args.model) if args.model else default_demo_model()
@@ -112,7 +109,8 @@ def _cmd_demo(args) -> int:
 
 def _demo_without_model(args, source: Path, report: dict, model: Path) -> int:
     """No model bundle: show what the input path does and say how to get a model."""
-    from . import ctio, preprocess, terminal
+    from .ct import loader as ctio, preprocess
+    from . import terminal
 
     t0 = time.perf_counter()
     volume = ctio.load_ct(source)
@@ -132,7 +130,7 @@ def _demo_without_model(args, source: Path, report: dict, model: Path) -> int:
 
 # --------------------------------------------------------------------------------------------- phantoms
 def _cmd_phantoms(args) -> int:
-    from . import phantom
+    from . import phantoms as phantom
 
     out = phantom.write_phantom_dataset(
         Path(args.out), n=args.n, seed=args.seed, fmt="dicom" if args.dicom else "nifti"
@@ -143,7 +141,7 @@ def _cmd_phantoms(args) -> int:
 
 # ------------------------------------------------------------------------------------------------- info
 def _cmd_info(args) -> int:
-    from . import bundle
+    from .model import bundle
 
     manifest = bundle.read_manifest(args.bundle)
     if args.json:
@@ -160,7 +158,9 @@ def _cmd_info(args) -> int:
 def _cmd_new_model(args) -> int:
     import torch
 
-    from . import backbones, bundle, findings, model, preprocess
+    from .model import backbones, bundle, classifier as model
+    from . import findings
+    from .ct import preprocess
 
     catalog = findings.load_catalog(args.catalog) if args.catalog else findings.default_catalog()
     torch.manual_seed(args.seed)
@@ -217,20 +217,20 @@ def _cmd_infer(args) -> int:
 
 # ---------------------------------------------------------------------------------------- train, fine-tune
 def _cmd_train(args) -> int:
-    from . import train
+    from .training import train
 
     return train.run_train_from_args(args)
 
 
 def _cmd_fine_tune(args) -> int:
-    from . import train
+    from .training import train
 
     return train.run_fine_tune_from_args(args)
 
 
 # --------------------------------------------------------------------------------------------- evaluate
 def _cmd_evaluate(args) -> int:
-    from . import evaluate
+    from .evaluation import evaluate
 
     return evaluate.run_from_args(args)
 
@@ -322,19 +322,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = add("train", _cmd_train, "Train a model bundle's adapters on labelled cases (the paper's protocol).")
     if wanted("train"):
-        from .train import add_train_arguments
+        from .training.train import add_train_arguments
 
         add_train_arguments(p)
     p = add("fine-tune", _cmd_fine_tune, "Continue from a trained bundle's adapters on new labelled cases.")
     if wanted("fine-tune"):
-        from .train import add_fine_tune_arguments
+        from .training.train import add_fine_tune_arguments
 
         add_fine_tune_arguments(p)
 
     p = add("evaluate", _cmd_evaluate,
             "Evaluate a model bundle on labelled cases: AUCs with CIs, calibration, plots, model card.")
     if wanted("evaluate"):
-        from .evaluate import add_arguments as add_evaluate_arguments
+        from .evaluation.evaluate import add_arguments as add_evaluate_arguments
 
         add_evaluate_arguments(p)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, build_model, load_bundle
+from .model.bundle import Bundle, build_model, load_bundle
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -179,7 +179,7 @@ def optimize_for_inference(classifier, device, precision: str) -> None:
     (one QKV GEMM, rotary embedding without copies), and on GPUs the backbone's weights stored in the
     autocast dtype. The outputs are those of the trained model (to float rounding). Never train or save
     a model after this."""
-    from .fused_attention import fuse_dinov3_attention
+    from .model.fused_attention import fuse_dinov3_attention
 
     merge_lora_for_inference(classifier)
     fuse_dinov3_attention(classifier)
@@ -258,7 +258,7 @@ class Prediction:
     # -- maps in the input's own geometry -------------------------------------------------------------
     def attention_image(self):
         """Attention per slice as a float32 SimpleITK image on the input's grid (0 outside the head)."""
-        from .preprocess import stack_to_image
+        from .ct.preprocess import stack_to_image
 
         values = self.attention if self.attention is not None else np.zeros(len(self.slice_valid), np.float32)
         return stack_to_image(values.astype(np.float32), self.stack, self.volume.image, interpolation="linear")
@@ -267,7 +267,7 @@ class Prediction:
         """Dominant expert per slice as a uint8 label image on the input's grid: 1..K, 0 = none."""
         import SimpleITK as sitk
 
-        from .preprocess import stack_to_image
+        from .ct.preprocess import stack_to_image
 
         if self.dominant_expert is None or len(self.dominant_expert) != len(self.slice_valid):
             labels = np.zeros(len(self.slice_valid), np.float32)
@@ -278,7 +278,7 @@ class Prediction:
 
     def contribution_image(self, finding_id: str):
         """One finding's per-slice logit contribution as a float32 image on the input's grid."""
-        from .preprocess import stack_to_image
+        from .ct.preprocess import stack_to_image
 
         index = self.catalog.index_of(finding_id)
         values = self.contributions[:, index].astype(np.float32)
@@ -380,8 +380,8 @@ def predict(
     Raises ctio.CTInputError for refused input, bundle.BundleError for an unusable bundle,
     DeviceError for an unusable device.
     """
-    from . import ctio
-    from .preprocess import preprocess
+    from .ct import loader as ctio
+    from .ct.preprocess import preprocess
 
     timings: dict[str, float] = {}
     start = time.perf_counter()

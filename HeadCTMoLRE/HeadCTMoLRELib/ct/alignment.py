@@ -34,7 +34,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .resources import resource_path
+from ..resources import resource_path
 
 TEMPLATE_FILE = ("templates", "scct_head_ct_template_2mm.nrrd")
 

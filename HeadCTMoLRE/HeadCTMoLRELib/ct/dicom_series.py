@@ -26,7 +26,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from .ct_checks import CTInputError
+from .checks import CTInputError
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -30,7 +30,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from .ct_checks import AIR_HU, CTInputError, check_grid
+from .checks import AIR_HU, CTInputError, check_grid
 from .dicom_series import DicomSeries, DicomSlice
 
 MAX_GAP_FACTOR = 2.5

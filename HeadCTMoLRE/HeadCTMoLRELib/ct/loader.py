@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import ct_checks
-from .ct_checks import CTInputError
+from . import checks as ct_checks
+from .checks import CTInputError
 from .dicom_series import choose_series, scan_dicom
 from .dicom_volume import build_volume
 

@@ -31,7 +31,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from . import metrics, report
+from .. import metrics
+from . import report
 
 EVALUATION_JSON = "evaluation.json"
 PER_FINDING_TSV = "per_finding.tsv"
@@ -197,7 +198,7 @@ def _select_split(table, split: str | None):
 
 
 def _predict(bundle, table, *, device, cache_dir, progress, label):
-    from .data import predict_cases
+    from ..training.cases import predict_cases
 
     def forward(event):
         if progress:
@@ -289,8 +290,8 @@ def evaluate(cases_csv: str | os.PathLike, bundle_path: str | os.PathLike, out_d
     that were skipped under ``csv_problems``; raises EvaluationError when no case at
     all can be evaluated, bundle.BundleError for an unusable bundle.
     """
-    from . import bundle as bundle_lib
-    from .data import read_cases
+    from ..model import bundle as bundle_lib
+    from ..training.cases import read_cases
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

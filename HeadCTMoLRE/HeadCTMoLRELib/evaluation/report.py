@@ -17,8 +17,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .findings import CATEGORIES
-from .metrics import STRATA, STRATUM_LABELS, ReliabilityBins
+from ..findings import CATEGORIES
+from ..metrics import STRATA, STRATUM_LABELS, ReliabilityBins
 
 #: One colour per finding category (colour-blind-safe Okabe-Ito palette), in CATEGORIES order.
 CATEGORY_COLOURS: dict[str, str] = dict(zip(CATEGORIES, ("#D55E00", "#0072B2", "#E69F00", "#CC79A7", "#009E73",

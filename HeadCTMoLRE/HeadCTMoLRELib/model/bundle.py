@@ -144,7 +144,7 @@ def save_bundle(
     from safetensors.torch import save_file
 
     from . import backbones
-    from . import model as model_lib
+    from . import classifier as model_lib
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -237,7 +237,7 @@ def _make_readable(folder: Path) -> None:
 
 
 def _software_versions() -> dict:
-    from . import __version__
+    from .. import __version__
 
     versions = {"headct_molre": __version__}
     for module_name in ("torch", "transformers", "peft", "safetensors"):
@@ -356,9 +356,9 @@ def verify_files(folder: Path, manifest: dict) -> None:
 
 
 def _typed_views(folder: Path, manifest: dict):
-    from .findings import CatalogError, FindingCatalog
-    from .model import ModelConfig
-    from .preprocess import PreprocessConfig
+    from ..findings import CatalogError, FindingCatalog
+    from .classifier import ModelConfig
+    from ..ct.preprocess import PreprocessConfig
 
     try:
         catalog = FindingCatalog.from_dict(manifest["findings"])
@@ -437,7 +437,7 @@ def build_model(bundle: Bundle, *, backbone_folder: str | os.PathLike | None = N
     """Rebuild the classifier of a verified bundle with its weights loaded (on the CPU, eval mode)."""
     from safetensors.torch import load_file
 
-    from . import model as model_lib
+    from . import classifier as model_lib
 
     folder = resolve_backbone_folder(bundle, backbone_folder)
     adapters = load_file(str(bundle.path / ADAPTERS_FILE))

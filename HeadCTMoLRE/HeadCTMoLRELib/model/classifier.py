@@ -24,7 +24,7 @@ from torch import nn
 
 from .backbones import BackboneSpec, SliceEncoder, VolumeEncoder, build_backbone
 from .molre import MoLRE, MoLREConfig
-from .settings import reject_unknown_settings
+from ..settings import reject_unknown_settings
 
 
 @dataclass(frozen=True)

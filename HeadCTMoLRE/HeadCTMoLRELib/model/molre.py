@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .settings import reject_unknown_settings
+from ..settings import reject_unknown_settings
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ ventricle, cisterns), the interhemispheric and sylvian fissures with the falx, d
 and third ventricles, middle cerebral arteries, the superior sagittal and transverse sinuses, and
 pineal and choroid plexus calcifications. Every size and CT number is drawn per head from a range.
 
-Everything is placed in the head frame of :class:`~HeadCTMoLRELib.phantom_geometry.HeadGrid` (mm; x to
+Everything is placed in the head frame of :class:`~HeadCTMoLRELib.phantoms.geometry.HeadGrid` (mm; x to
 the patient's left, y posterior, z superior; origin near the centre of the brain). Three structural
 findings change the normal anatomy itself rather than being drawn on top, so they are constructor
 arguments: atrophy (wide sulci, more extra-axial CSF), hydrocephalus (large ventricles and temporal
@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from .phantom_geometry import HeadGrid, ellipsoid_distance, ellipsoid_rho, segment_distance
+from .geometry import HeadGrid, ellipsoid_distance, ellipsoid_rho, segment_distance
 
 # tissue codes of the label map used to place findings
 (AIR, SOFT, FAT, BONE, CSF, VENTRICLE, GM, WM, DEEP_GM, POSTERIOR_FOSSA, SINUS_AIR, MASTOID_AIR, BLOOD_VESSEL,

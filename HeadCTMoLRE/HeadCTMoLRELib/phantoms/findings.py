@@ -1,7 +1,7 @@
 """Which findings the synthetic head CT phantom can draw, which labels they imply, and how cases get them.
 
 :data:`RENDERABLE_FINDINGS` lists every finding id (from the finding catalog, ``Resources/findings.csv``)
-that :mod:`~HeadCTMoLRELib.phantom_pathology` knows how to draw, with a short description of how it looks
+that :mod:`~HeadCTMoLRELib.phantoms.pathology` knows how to draw, with a short description of how it looks
 (CT numbers in HU, sizes in mm). :data:`IMPLIED_LABELS` names the catalog labels that are also true
 whenever a finding is drawn. :func:`sample_findings` draws one case's set of findings with realistic
 co-occurrence (a fracture under an epidural hematoma, a midline shift with a cause, ...).

@@ -1,7 +1,7 @@
 """One synthetic head CT case: pose and geometry, anatomy and findings, image formation, labels.
 
 :func:`generate_phantom` samples the scan geometry (spacing, field of view, table height) and the head's
-size, position and pose, builds a :class:`~HeadCTMoLRELib.phantom_pathology.HeadWithFindings` on that
+size, position and pose, builds a :class:`~HeadCTMoLRELib.phantoms.pathology.HeadWithFindings` on that
 grid, blurs it in-plane (scanner point spread) and adds correlated Gaussian noise, and returns a
 :class:`Phantom`: an int16 HU ``SimpleITK.Image`` in LPS with identity direction (axial; its numpy
 array is ``(z, y, x)``), the catalog labels, optional finding masks and JSON-able metadata.
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from .findings import FindingCatalog, default_catalog
-from .phantom_findings import IMPLIED_LABELS, check_renderable, sample_findings
-from .phantom_geometry import HeadGrid, head_rotation
-from .phantom_pathology import HeadWithFindings
+from ..findings import FindingCatalog, default_catalog
+from .findings import IMPLIED_LABELS, check_renderable, sample_findings
+from .geometry import HeadGrid, head_rotation
+from .pathology import HeadWithFindings
 
 #: Range of the stored CT numbers (HU): air at -1024, the 12-bit top at 3071.
 HU_MIN, HU_MAX = -1024, 3071

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .findings import FindingCatalog, default_catalog
-from .phantom_findings import RENDERABLE_FINDINGS, check_renderable, sample_findings
-from .phantom_generator import Phantom, generate_phantom
+from ..findings import FindingCatalog, default_catalog
+from .findings import RENDERABLE_FINDINGS, check_renderable, sample_findings
+from .generator import Phantom, generate_phantom
 
 
 def _case_seed(seed: int, index: int) -> int:

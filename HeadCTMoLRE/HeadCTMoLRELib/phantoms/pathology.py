@@ -1,6 +1,6 @@
 """Findings drawn on the synthetic head: how each renderable finding changes the normal anatomy.
 
-:class:`HeadWithFindings` is a :class:`~HeadCTMoLRELib.phantom_anatomy.HeadAnatomy` that, after the
+:class:`HeadWithFindings` is a :class:`~HeadCTMoLRELib.phantoms.anatomy.HeadAnatomy` that, after the
 anatomy is built, draws the requested findings on top of its ``hu`` (float32 HU) and ``tissue`` arrays,
 ``(z, y, x)``, in a fixed order (structural changes, then ischaemia, masses, blood, bone, air, sinuses).
 For each drawn finding it keeps a bool ``(z, y, x)`` mask of the voxels it changed (``masks``) and the
@@ -8,7 +8,7 @@ parameters it drew (``params``: sizes in mm, CT numbers in HU, site, ...; JSON-a
 drawing makes true beyond the finding itself (the site of an unspecified hematoma, the edema around a
 meningioma) are collected in ``extra_labels``. Positions are in the head frame (mm, x to the patient's
 left, y posterior, z superior). What each finding looks like is summarised in
-:data:`~HeadCTMoLRELib.phantom_findings.RENDERABLE_FINDINGS`.
+:data:`~HeadCTMoLRELib.phantoms.findings.RENDERABLE_FINDINGS`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import math
 
 import numpy as np
 
-from .phantom_anatomy import (BLOOD, BONE, CSF, DEEP_GM, FAT, GM, MASTOID_AIR, POSTERIOR_FOSSA, SINUS_AIR, SOFT,
+from .anatomy import (BLOOD, BONE, CSF, DEEP_GM, FAT, GM, MASTOID_AIR, POSTERIOR_FOSSA, SINUS_AIR, SOFT,
                               VENTRICLE, WM, HeadAnatomy)
-from .phantom_findings import IPH_SITES, MASS_EFFECT_CAUSES, RENDERABLE_FINDINGS
-from .phantom_geometry import HeadGrid, ellipsoid_rho
+from .findings import IPH_SITES, MASS_EFFECT_CAUSES, RENDERABLE_FINDINGS
+from .geometry import HeadGrid, ellipsoid_rho
 
 
 class HeadWithFindings(HeadAnatomy):

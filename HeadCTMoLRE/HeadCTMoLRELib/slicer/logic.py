@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from . import bundle as bundle_lib
+from ..model import bundle as bundle_lib
 from . import worker as worker_lib
 
 MODELS_ENV = "HEADCT_MOLRE_MODELS"
@@ -59,7 +59,7 @@ def _describe_bundle(path: Path, entry: dict | None = None) -> dict:
 
 
 def _manifest_entries() -> list[dict]:
-    from .resources import resource_path
+    from ..resources import resource_path
 
     path = resource_path(MODELS_JSON)
     if not Path(path).is_file():
@@ -191,7 +191,7 @@ class HeadCTMoLRECore:
 
     def __init__(self, scene=None):
         if scene is None:
-            from . import slicer_app
+            from . import app as slicer_app
 
             scene = slicer_app.default_scene()
         self.scene = scene
@@ -231,7 +231,7 @@ class HeadCTMoLRECore:
         return _describe_bundle(target)
 
     def device_info(self) -> dict:
-        from .inference import device_report
+        from ..inference import device_report
 
         return device_report()
 
@@ -240,7 +240,8 @@ class HeadCTMoLRECore:
             should_cancel: Callable | None = None):
         """Blocking inference on a CT volume node; returns mrml.PredictionNodes. progress(stage, fraction);
         should_cancel() -> True raises Cancelled between stages."""
-        from . import inference, mrml
+        from .. import inference
+        from . import mrml
 
         def step(stage: str):
             if should_cancel and should_cancel():

@@ -31,7 +31,7 @@ import numpy as np
 import slicer
 import vtk
 
-from . import slicer_app
+from . import app as slicer_app
 from .mrml_geometry import (ct_volume_from_node, image_from_volume_node, lps_to_ras,  # noqa: F401 (re-exported)
                             volume_node_from_image)
 from .mrml_render import render_axial_snapshot, show_in_slice_views  # noqa: F401 (re-exported)

@@ -18,8 +18,8 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from . import ct_checks
-from .ctio import CTVolume
+from ..ct import checks as ct_checks
+from ..ct.loader import CTVolume
 
 __all__ = ["LPS_TO_RAS", "ijk_to_ras_from_image", "volume_node_from_image", "image_from_volume_node",
            "ct_volume_from_node", "lps_to_ras"]

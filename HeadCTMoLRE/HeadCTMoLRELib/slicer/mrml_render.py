@@ -13,7 +13,7 @@ from pathlib import Path
 
 import vtk
 
-from . import slicer_app
+from . import app as slicer_app
 
 __all__ = ["show_in_slice_views", "render_axial_snapshot", "DEFAULT_OPACITY"]
 

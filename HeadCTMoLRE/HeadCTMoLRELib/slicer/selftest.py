@@ -24,8 +24,8 @@ def _check(condition: bool, message: str) -> None:
 
 def demo_or_tiny_model(workdir: Path, model_path=None) -> tuple[Path, str]:
     """(bundle folder, which): the given model, the shipped demo model, or a tiny random bundle made here."""
-    from . import bundle as bundle_lib
-    from .resources import resource_path
+    from ..model import bundle as bundle_lib
+    from ..resources import resource_path
 
     if model_path is not None:
         return Path(model_path), "given"
@@ -39,7 +39,9 @@ def make_tiny_bundle(out: Path, seed: int = 0) -> Path:
     """A randomly initialised tiny DINOv3-style bundle (32 px slices), made in seconds on a CPU."""
     import torch
 
-    from . import backbones, bundle, findings, model, preprocess
+    from ..model import backbones, bundle, classifier as model
+    from .. import findings
+    from ..ct import preprocess
 
     if (out / bundle.MANIFEST).is_file():
         return out
@@ -106,7 +108,7 @@ def check_prediction_nodes(nodes, num_findings: int) -> None:
 def scenario_full_path(scene, workdir, model_path=None) -> dict:
     """Phantom -> volume node -> blocking logic -> nodes checked -> finding selected -> .mrb saved and
     reloaded with everything still there."""
-    from . import phantom
+    from .. import phantoms as phantom
     from .logic import HeadCTMoLRECore
 
     workdir = Path(workdir)
@@ -114,7 +116,7 @@ def scenario_full_path(scene, workdir, model_path=None) -> dict:
     facts: dict = {}
     model, facts["model"] = demo_or_tiny_model(workdir, model_path)
     case = phantom.generate_phantom(["intraparenchymal_hemorrhage"], seed=3)
-    from . import slicer_app
+    from . import app as slicer_app
 
     slicer_app.scene_logics(scene)
     ct = mrml.volume_node_from_image(scene, case.image, "HeadCTMoLRE phantom")

@@ -1,6 +1,6 @@
 """Background worker for the GUI: one long-lived process that speaks line-delimited JSON; no Qt, no slicer.
 
-Run as ``python -m HeadCTMoLRELib.worker`` (``PythonSlicer -m HeadCTMoLRELib.worker`` inside Slicer). It
+Run as ``python -m HeadCTMoLRELib.slicer.worker`` (``PythonSlicer -m HeadCTMoLRELib.slicer.worker`` inside Slicer). It
 reads one JSON request per line on stdin and answers with JSON lines on stdout, each carrying the
 request's ``id`` and a ``type``:
 
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from .outputs import json_default
+from ..outputs import json_default
 
 RESULT_JSON = "prediction_maps.json"
 HEAD_MASK_NRRD = "head_mask.nrrd"
@@ -61,7 +61,7 @@ def write_result(prediction, folder: str | os.PathLike, *, input_path: str | os.
     """
     import SimpleITK as sitk
 
-    from .outputs import write_prediction
+    from ..outputs import write_prediction
 
     folder = Path(folder)
     paths = {k: str(v) for k, v in write_prediction(prediction, folder).items()}
@@ -100,10 +100,10 @@ def read_result(folder: str | os.PathLike, volume=None):
     mask, not pixels). volume: the ctio.CTVolume it was made from; None reads the recorded input file."""
     import SimpleITK as sitk
 
-    from . import ctio
-    from .findings import FindingCatalog
-    from .inference import Prediction
-    from .preprocess import PreprocessConfig, SliceStack
+    from ..ct import loader as ctio
+    from ..findings import FindingCatalog
+    from ..inference import Prediction
+    from ..ct.preprocess import PreprocessConfig, SliceStack
 
     folder = Path(folder)
     maps = folder / RESULT_JSON
@@ -142,7 +142,7 @@ INFER_STAGES = {"loading model": 0.05, "preprocessing": 0.3, "running model": 0.
 def infer_to_folder(input_path, model_path, output, device="auto", *, progress: Callable | None = None,
                     log: Callable | None = None) -> dict:
     """Run inference on a CT file and write ``write_result``'s files into ``output``; returns a summary."""
-    from . import inference
+    from .. import inference
 
     def stage(name):
         if progress:
@@ -183,7 +183,7 @@ def fine_tune_bundle(cases_csv, start_model, epochs: int, output, *, progress: C
     import dataclasses
     import shutil
 
-    from . import train
+    from ..training import train
 
     output = Path(output)
     run_dir = Path(run_dir) if run_dir is not None else output.with_name(output.name + ".run")
@@ -302,7 +302,7 @@ def main() -> int:
 # ------------------------------------------------------------------------------------------- the client
 def library_parent() -> Path:
     """The folder that holds the HeadCTMoLRELib package (goes on the worker's PYTHONPATH)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def default_python_executable() -> str:
@@ -339,7 +339,7 @@ class WorkerClient:
         environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         environment.setdefault("PYTHONUNBUFFERED", "1")
         self.process = subprocess.Popen(
-            [python_executable or default_python_executable(), "-m", "HeadCTMoLRELib.worker"],
+            [python_executable or default_python_executable(), "-m", "HeadCTMoLRELib.slicer.worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment,
             text=True, encoding="utf-8", bufsize=1)
         for stream, reader in ((self.process.stdout, self._read_protocol), (self.process.stderr, self._read_stderr)):

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from .settings import reject_unknown_settings
+from ..settings import reject_unknown_settings
 
 AXES = ("lr", "ap", "si")  # column (W), row (H), slice (S) axis of the stack
 

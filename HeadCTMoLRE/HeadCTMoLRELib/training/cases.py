@@ -351,14 +351,14 @@ def read_cached_stack(path: str | os.PathLike) -> CachedStack:
 def _cache_one(source: str, preprocessing_dict: dict, cache_dir: str) -> tuple[str, str | None, bool, str | None]:
     """Worker: (source) -> (source, cache file or None, was_cached, error or None). Never raises for a
     bad input; the error text names the file and the problem."""
-    from .preprocess import PreprocessConfig, preprocess
+    from ..ct.preprocess import PreprocessConfig, preprocess
 
     try:
         config = PreprocessConfig.from_dict(preprocessing_dict)
         target = Path(cache_dir) / f"{cache_key(input_sha256(source), config)}.safetensors"
         if target.is_file():
             return source, str(target), True, None
-        from .ctio import load_ct
+        from ..ct.loader import load_ct
 
         stack = preprocess(load_ct(source), config)
         if not stack.slice_valid.any():
@@ -505,7 +505,7 @@ def _as_cases(cases, catalog) -> list[Case]:
 
 def _resolve_model(bundle_or_model, preprocessing):
     """-> (classifier, catalog, preprocessing, temperature)."""
-    from .bundle import Bundle, build_model, load_bundle
+    from ..model.bundle import Bundle, build_model, load_bundle
 
     if isinstance(bundle_or_model, (str, os.PathLike, Bundle)):
         bundle = bundle_or_model if isinstance(bundle_or_model, Bundle) else load_bundle(bundle_or_model)
@@ -530,7 +530,7 @@ def predict_cases(bundle_or_model, cases, *, preprocessing=None, cache_dir=None,
     """
     import torch
 
-    from .inference import _autocast, select_device, select_precision
+    from ..inference import _autocast, select_device, select_precision
 
     model, model_catalog, preprocessing, temperature = _resolve_model(bundle_or_model, preprocessing)
     catalog = model_catalog or catalog or getattr(cases, "catalog", None)

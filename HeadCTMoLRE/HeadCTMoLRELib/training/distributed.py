@@ -40,7 +40,7 @@ def init_from_env(device_request: str = "auto") -> DistributedContext:
     import torch
     import torch.distributed as dist
 
-    from .inference import select_device
+    from ..inference import select_device
 
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     device = select_device(device_request)

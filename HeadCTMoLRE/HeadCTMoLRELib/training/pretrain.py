@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .phantom_findings import IMPLIED_LABELS, RENDERABLE_FINDINGS, check_renderable, sample_findings
+from ..phantoms.findings import IMPLIED_LABELS, RENDERABLE_FINDINGS, check_renderable, sample_findings
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -93,8 +93,8 @@ def phantom_cell_labels(phantom, stack, grid: int, finding_ids: Sequence[str]) -
 def _pretrain_sample(seed: int, preprocessing_dict: dict, grid: int, finding_ids: tuple[str, ...],
                      prevalence: float) -> tuple:
     """Worker: one phantom -> (pixels uint8, slice_valid, cell labels, volume labels)."""
-    from .phantom_generator import generate_phantom
-    from .preprocess import PreprocessConfig, preprocess
+    from ..phantoms.generator import generate_phantom
+    from ..ct.preprocess import PreprocessConfig, preprocess
 
     drawn = sample_findings(np.random.default_rng([seed, 1]), prevalence, finding_ids)
     phantom = generate_phantom(drawn, seed, return_masks=True)
@@ -279,7 +279,7 @@ def pretrain_backbone(hf_model, normalise: Callable, train: PretrainSet, val: Pr
     import torch
     import torch.nn.functional as F
 
-    from .metrics import roc_auc
+    from ..metrics import roc_auc
 
     config = config or PretrainConfig()
     started = time.perf_counter()

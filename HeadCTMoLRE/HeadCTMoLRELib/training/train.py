@@ -51,7 +51,7 @@ import numpy as np
 
 from .augment import AugmentConfig
 from . import distributed
-from .settings import reject_unknown_settings
+from ..settings import reject_unknown_settings
 
 CHECKPOINT_FORMAT = "headct-molre-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -170,7 +170,7 @@ def epoch_sample_order(case_factors: np.ndarray, seed: int, epoch: int) -> np.nd
 def auc_per_finding(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(C,) ROC AUC per finding over cases with a known label (Mann-Whitney, ties count half); NaN
     where the known labels do not hold both classes. The one implementation is metrics.roc_auc."""
-    from .metrics import roc_auc
+    from ..metrics import roc_auc
 
     return roc_auc(probabilities, labels)
 
@@ -243,9 +243,9 @@ def save_checkpoint(folder: Path, *, model, optimizer, augment_generator, state:
     """
     from safetensors.torch import save_file
 
-    from .bundle import sha256_file
-    from .backbones import base_state_dict
-    from .model import backbone_is_trainable, trainable_state_dict
+    from ..model.bundle import sha256_file
+    from ..model.backbones import base_state_dict
+    from ..model.classifier import backbone_is_trainable, trainable_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in trainable_state_dict(model).items()}
@@ -281,9 +281,9 @@ def load_checkpoint(folder: Path, *, model, optimizer, augment_generator) -> dic
     import torch
     from safetensors.torch import load_file
 
-    from .bundle import sha256_file
-    from .backbones import load_base_state_dict
-    from .model import backbone_is_trainable, load_trainable_state_dict
+    from ..model.bundle import sha256_file
+    from ..model.backbones import load_base_state_dict
+    from ..model.classifier import backbone_is_trainable, load_trainable_state_dict
 
     state_path = folder / "state.json"
     if not state_path.is_file():
@@ -346,7 +346,7 @@ def _software_versions() -> dict:
             versions[name] = getattr(__import__(name), "__version__", "?")
         except ImportError:
             pass
-    from . import __version__
+    from .. import __version__
 
     versions["headct_molre"] = __version__
     return versions
@@ -387,8 +387,8 @@ class _Run:
 
 
 def _prepare(cases, start_bundle, out_dir, config: TrainConfig, cache_dir, progress, kind, context) -> _Run:
-    from .bundle import Bundle, load_bundle
-    from .data import CaseTable, assign_splits, build_cache, read_cases
+    from ..model.bundle import Bundle, load_bundle
+    from .cases import CaseTable, assign_splits, build_cache, read_cases
 
     bundle = start_bundle if isinstance(start_bundle, Bundle) else load_bundle(start_bundle)
     table = cases if isinstance(cases, CaseTable) else read_cases(cases, bundle.catalog)
@@ -425,7 +425,7 @@ class _Prefetcher:
     """Reads the next micro-batch of cached stacks in a background thread."""
 
     def __init__(self, files: list[list[Path]]):
-        from .data import stack_batch
+        from .cases import stack_batch
 
         self._pool = concurrent.futures.ThreadPoolExecutor(1)
         self._futures = {0: self._pool.submit(stack_batch, files[0])} if files else {}
@@ -474,8 +474,8 @@ def fit(cases, start_bundle, out_dir, config: TrainConfig | None = None, *, cach
 def _build_training_model(run: _Run):
     import torch
 
-    from .bundle import build_model
-    from .model import param_groups, unfreeze_backbone
+    from ..model.bundle import build_model
+    from ..model.classifier import param_groups, unfreeze_backbone
 
     torch.manual_seed(run.config.seed)
     model = build_model(run.start_bundle).to(run.context.device)
@@ -492,8 +492,8 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
     import torch
 
     from .augment import augment_batch
-    from .inference import _autocast
-    from .molre import expert_usage, router_entropy
+    from ..inference import _autocast
+    from ..model.molre import expert_usage, router_entropy
 
     config, context, device = run.config, run.context, run.context.device
     model, optimizer = _build_training_model(run)
@@ -562,7 +562,7 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
                         output = wrapped(pixels, valid)
                     loss = focal_loss(output.logits, labels, alpha, config.focal_gamma)
                     if config.load_balance_weight > 0 and output.router_weights is not None:
-                        from .molre import load_balance_loss
+                        from ..model.molre import load_balance_loss
 
                         loss = loss + config.load_balance_weight * load_balance_loss(output.router_weights, valid)
                     (loss / group_size).backward()
@@ -605,7 +605,7 @@ def _epoch_record(epoch: int, sums: dict, model) -> dict:
 
 def _validate(run: _Run, model, record: dict, stopper: EarlyStopping, history: list, progress) -> None:
     """Rank 0 predicts the validation cases and decides; every rank gets the same record."""
-    from .data import predict_cases
+    from .cases import predict_cases
 
     context = run.context
     if context.is_main:
@@ -667,7 +667,7 @@ def _provenance(run: _Run, history: list, stopper: EarlyStopping, status: str | 
 
 
 def _save_best(run: _Run, model, record: dict, history: list) -> None:
-    from .bundle import resolve_backbone_folder, save_bundle
+    from ..model.bundle import resolve_backbone_folder, save_bundle
 
     bundle = run.start_bundle
     folder = resolve_backbone_folder(bundle)
@@ -687,7 +687,7 @@ def _save_best(run: _Run, model, record: dict, history: list) -> None:
 
 
 def _finish(run: _Run, status: str, model, history, stopper, checkpoint_dir, started, elapsed_before, progress):
-    from .bundle import update_bundle
+    from ..model.bundle import update_bundle
 
     duration = elapsed_before + time.perf_counter() - started
     bundle_path = run.out_dir / "model"
@@ -710,7 +710,7 @@ def fine_tune(cases, trained_bundle, out_dir, config: TrainConfig | None = None,
     """`fit` starting from a TRAINED bundle's adapters on new cases; the output bundle records the parent
     (name, fingerprint, path). The parent's catalog and preprocessing are kept; a CSV that names none of
     its findings is refused."""
-    from .bundle import Bundle, load_bundle
+    from ..model.bundle import Bundle, load_bundle
 
     bundle = trained_bundle if isinstance(trained_bundle, Bundle) else load_bundle(trained_bundle)
     if not bundle.manifest.get("training"):
