@@ -43,3 +43,8 @@ def resources_dir() -> Path:
 def resource_path(*parts: str) -> Path:
     """Path of a file inside Resources, e.g. ``resource_path("findings.csv")`` (need not exist)."""
     return resources_dir().joinpath(*parts)
+
+
+def default_sample_path() -> Path:
+    """The bundled real head CT that ``headct-molre demo`` and the benchmark run on (Resources/Samples)."""
+    return resource_path("Samples", "GE_head_axial_1x1x5mm.nii.gz")

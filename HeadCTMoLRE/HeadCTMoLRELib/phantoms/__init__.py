@@ -24,9 +24,9 @@ This module is the public entry point; the work is done in:
 
 from __future__ import annotations
 
-from .phantom_findings import IMPLIED_LABELS, RENDERABLE_FINDINGS, sample_findings
-from .phantom_generator import Phantom, generate_phantom
-from .phantom_io import write_dicom_series, write_phantom_dataset
+from .findings import IMPLIED_LABELS, RENDERABLE_FINDINGS, sample_findings
+from .generator import Phantom, generate_phantom
+from .io import write_dicom_series, write_phantom_dataset
 
 __all__ = ["IMPLIED_LABELS", "RENDERABLE_FINDINGS", "Phantom", "generate_phantom", "sample_findings",
            "write_dicom_series", "write_phantom_dataset"]
