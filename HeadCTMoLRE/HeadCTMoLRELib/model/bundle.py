@@ -128,6 +128,7 @@ def save_bundle(
     metrics: Mapping | None = None,
     thresholds: Mapping[str, float] | None = None,
     temperature: float = 1.0,
+    calibration: Mapping | None = None,
     synthetic_training_data: bool | None = None,
     extra_files: Mapping[str, str | bytes] | None = None,
     overwrite: bool = False,
@@ -139,7 +140,9 @@ def save_bundle(
     Face folder the backbone was built from (None for a randomly initialised backbone, which is then
     always bundled). ``bundle_backbone`` copies the frozen backbone weights into the bundle
     (default: only when there is no backbone folder). ``extra_files`` maps a relative path (e.g.
-    ``model_card.md``) to text or bytes to include (hashed like the weights).
+    ``model_card.md``) to text or bytes to include (hashed like the weights). ``calibration``: the
+    record of calibration.calibration_record (prior correction, temperature, where it was fitted); its
+    temperature replaces ``temperature``.
     """
     from safetensors.torch import save_file
 
@@ -216,7 +219,8 @@ def save_bundle(
             "training": dict(training) if training else None,
             "metrics": dict(metrics) if metrics else None,
             "thresholds": {fid: float((thresholds or {}).get(fid, 0.5)) for fid in catalog.ids},
-            "temperature": float(temperature),
+            "temperature": float(calibration["temperature"] if calibration else temperature),
+            "calibration": dict(calibration) if calibration else None,
             "files": files,
         }
         _write_json(staging / MANIFEST, manifest)
@@ -254,6 +258,7 @@ def update_bundle(
     *,
     thresholds: Mapping[str, float] | None = None,
     temperature: float | None = None,
+    calibration: Mapping | None = None,
     metrics: Mapping | None = None,
     training: Mapping | None = None,
     extra_files: Mapping[str, str | bytes] | None = None,
@@ -279,6 +284,9 @@ def update_bundle(
         if not temperature > 0:
             raise BundleError(f"temperature must be positive, got {temperature}")
         manifest["temperature"] = float(temperature)
+    if calibration is not None:  # calibration.calibration_record(...): its temperature is the bundle's
+        manifest["calibration"] = dict(calibration)
+        manifest["temperature"] = float(calibration["temperature"])
     if metrics is not None:
         manifest["metrics"] = {**(manifest.get("metrics") or {}), **dict(metrics)}
     if training is not None:

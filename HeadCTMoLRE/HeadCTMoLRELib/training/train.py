@@ -8,7 +8,9 @@ Protocol:
   alpha_c = clip(1 - prevalence_c, 0.05, 0.95) (weight of the positive term; rare findings weigh more).
   Per finding and case: -[alpha y (1-p)^gamma log p + (1-alpha)(1-y) p^gamma log(1-p)], averaged over
   the KNOWN labels of the batch (unknown = NaN labels contribute nothing, not even a gradient).
-  Optional MoLRE load-balancing term (weight ``load_balance_weight``, default 0 as in the paper).
+  Optional MoLRE load-balancing term: molre.load_balance_loss (balance of the mean expert usage over a
+  batch) times the bundle's ``MoLREConfig.load_balance_weight`` (0 = the paper's default), which
+  ``TrainConfig.load_balance_weight`` overrides when set; the trained bundle records the weight used.
 - sampling: Repeat Factor Sampling (LVIS): f_c = fraction of training cases (with a known label for c)
   positive for c, r_c = max(1, sqrt(t / f_c)), a case repeats r_i = max over its positive findings of
   r_c (1 without any) times per epoch, rounded stochastically each epoch (floor(r_i) + Bernoulli(frac)).
@@ -51,12 +53,13 @@ import numpy as np
 
 from .augment import AugmentConfig
 from . import distributed
+from .. import calibration
+from ..calibration import ALPHA_CLIP
 from ..settings import reject_unknown_settings
 
 CHECKPOINT_FORMAT = "headct-molre-checkpoint"
 CHECKPOINT_VERSION = 1
-ALPHA_CLIP = (0.05, 0.95)
-EXIT_OK, EXIT_REFUSED, EXIT_CANCELLED = 0, 2, 130
+EXIT_OK, EXIT_NO_MODEL, EXIT_REFUSED, EXIT_CANCELLED = 0, 1, 2, 130
 
 
 class TrainError(ValueError):
@@ -83,7 +86,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     val_fraction: float = 0.2
-    load_balance_weight: float = 0.0
+    load_balance_weight: float | None = None  # None: the start bundle's MoLREConfig.load_balance_weight
     max_minutes: float | None = None
     cache_workers: int | None = None
     train_backbone: bool = False
@@ -384,6 +387,8 @@ class _Run:
     kind: str
     parent: dict | None
     cache_dir: Any = None
+    case_sha256: dict = field(default_factory=dict)  # "train"/"val" -> sha256 of each input (overlap checks)
+    focal_alpha: Any = None  # (C,) the loss's alpha, recorded for the prior correction
 
 
 def _prepare(cases, start_bundle, out_dir, config: TrainConfig, cache_dir, progress, kind, context) -> _Run:
@@ -400,6 +405,7 @@ def _prepare(cases, start_bundle, out_dir, config: TrainConfig, cache_dir, progr
     if not table.has_split or any(case.split is None for case in table.cases):
         table = assign_splits(table, config.val_fraction, config.seed)
     problems = list(table.problems)
+    _check_splits(table)
     usable = [c for c in table.cases if c.split in ("train", "val")]
     cached = None
     if context.is_main:
@@ -414,11 +420,25 @@ def _prepare(cases, start_bundle, out_dir, config: TrainConfig, cache_dir, progr
     if not train_cases:
         raise TrainError(f"No usable training case in {table.csv_path or 'the cases'} ({len(problems)} problem(s): "
                          + "; ".join(problems[:3]) + ").")
+    from .cases import input_sha256
+
     device = context.device
+    hashes = {role: [input_sha256(c.path) for c in chosen] for role, chosen in (("train", train_cases),
+                                                                               ("val", val_cases))}
     return _Run(config=config, context=context, start_bundle=bundle, table=table, train_cases=train_cases,
                 val_table=table.subset(val_cases), files=cached.files, problems=problems, out_dir=Path(out_dir),
                 precision=_training_precision(device, config.precision), kind=kind, parent=None,
-                cache_dir=cache_dir)
+                cache_dir=cache_dir, case_sha256=hashes)
+
+
+def _check_splits(table) -> None:
+    """Refuse, before any preprocessing, a table without a training case (e.g. every row split=test)."""
+    counts = table.counts()["splits"]
+    if not counts.get("train"):
+        where = table.csv_path or "the cases"
+        found = ", ".join(f"{n} {split}" for split, n in counts.items()) or "no usable case"
+        raise TrainError(f"{where}: no case for training ({found}). Mark training cases split=train (or leave the "
+                         "split blank to let training choose a validation share); test cases are never trained on.")
 
 
 class _Prefetcher:
@@ -479,6 +499,11 @@ def _build_training_model(run: _Run):
 
     torch.manual_seed(run.config.seed)
     model = build_model(run.start_bundle).to(run.context.device)
+    weight = run.config.load_balance_weight
+    if weight is not None and model.config.use_molre and weight != model.config.molre.load_balance_weight:
+        # the bundle records the weight it was trained with (MoLREConfig validates it)
+        model.config = dataclasses.replace(model.config, molre=dataclasses.replace(model.config.molre,
+                                                                                   load_balance_weight=float(weight)))
     if run.config.train_backbone:
         unfreeze_backbone(model)
     model.train()
@@ -499,7 +524,8 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
     model, optimizer = _build_training_model(run)
     generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + context.rank)
     train_labels = np.stack([c.labels for c in run.train_cases])
-    alpha = torch.from_numpy(prevalence_alpha(train_labels)).to(device)
+    run.focal_alpha = prevalence_alpha(train_labels)
+    alpha = torch.from_numpy(run.focal_alpha).to(device)
     case_factors, _ = repeat_factors(train_labels, config.rfs_threshold)
     stopper = EarlyStopping(config.min_epochs, config.patience, config.max_epochs)
     history: list[dict] = []
@@ -561,10 +587,11 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
                     with _autocast(device, run.precision):
                         output = wrapped(pixels, valid)
                     loss = focal_loss(output.logits, labels, alpha, config.focal_gamma)
-                    if config.load_balance_weight > 0 and output.router_weights is not None:
+                    balance = model.config.molre.load_balance_weight if model.config.use_molre else 0.0
+                    if balance > 0 and output.router_weights is not None:
                         from ..model.molre import load_balance_loss
 
-                        loss = loss + config.load_balance_weight * load_balance_loss(output.router_weights, valid)
+                        loss = loss + balance * load_balance_loss(output.router_weights, valid)
                     (loss / group_size).backward()
                 if last_in_group:
                     optimizer.step()
@@ -640,7 +667,7 @@ def _provenance(run: _Run, history: list, stopper: EarlyStopping, status: str | 
     provenance = {
         "kind": run.kind,
         "status": status or "running",
-        "cases_csv": str(run.table.csv_path) if run.table.csv_path else None,
+        "cases_csv": run.table.csv_path.name if run.table.csv_path else None,  # a name, not a machine path
         "cases_csv_sha256": run.table.csv_sha256,
         "counts": {"train": len(run.train_cases), "val": len(run.val_table),
                    "test_held_out": counts["splits"].get("test", 0), "skipped": len(run.problems),
@@ -656,8 +683,13 @@ def _provenance(run: _Run, history: list, stopper: EarlyStopping, status: str | 
         "world_size": run.context.world_size,
         "duration_s": duration_s,
         "software": _software_versions(),
-        "start_bundle": {"name": bundle.name, "fingerprint": bundle.fingerprint, "path": str(bundle.path)},
+        "start_bundle": {"name": bundle.name, "fingerprint": bundle.fingerprint},
         "synthetic_training_data": bool(run.table.synthetic),
+        "focal_alpha": None if run.focal_alpha is None else {
+            fid: round(float(a), 6) for fid, a in zip(run.table.catalog.ids, run.focal_alpha)},
+        "case_sha256": run.case_sha256,
+        "patients": {role: sorted({c.patient for c in chosen if c.patient})
+                     for role, chosen in (("train", run.train_cases), ("val", run.val_table.cases))},
         "history": history,
         "problems": run.problems[:50],
     }
@@ -677,12 +709,15 @@ def _save_best(run: _Run, model, record: dict, history: list) -> None:
                "val_findings_evaluated": record.get("val_findings_evaluated", 0),
                "val_auc_per_finding": record.get("val_auc", {})}
     kind = "Fine-tuned" if run.kind == "fine-tune" else "Trained"
+    ids = bundle.catalog.ids
+    prior = calibration.prior_correction_record(ids, run.focal_alpha, "training.focal_alpha")
     save_bundle(model, run.out_dir / "model", catalog=bundle.catalog, preprocessing=bundle.preprocessing,
                 name=f"{bundle.name}-{run.kind}", overwrite=True,
                 description=f"{kind} from {bundle.name} on {len(run.train_cases)} case(s)"
                 + (" of SYNTHETIC phantoms (not for clinical use)" if run.table.synthetic else ""),
                 backbone_weights_dir=folder, bundle_backbone=folder is None or run.config.train_backbone,
                 training=_provenance(run, list(history), stopper_view, None, None), metrics=metrics,
+                calibration=calibration.calibration_record(prior_correction=prior),
                 synthetic_training_data=bool(run.table.synthetic))
 
 
@@ -716,7 +751,7 @@ def fine_tune(cases, trained_bundle, out_dir, config: TrainConfig | None = None,
     if not bundle.manifest.get("training"):
         raise TrainError(f"{bundle.path} has never been trained (no training provenance); use `train` to train "
                          "it first, or pass a trained bundle to fine-tune.")
-    parent = {"name": bundle.name, "fingerprint": bundle.fingerprint, "path": str(bundle.path)}
+    parent = {"name": bundle.name, "fingerprint": bundle.fingerprint}
     return fit(cases, bundle, out_dir, config, _kind="fine-tune", _parent=parent, **kwargs)
 
 
@@ -744,7 +779,9 @@ def _add_common_arguments(parser, model_help: str) -> None:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
-    parser.add_argument("--load-balance-weight", type=float, default=0.0, help="MoLRE load-balancing loss weight (default 0)")
+    parser.add_argument("--load-balance-weight", type=float, default=None,
+                        help="weight of the balance of mean expert usage per batch (default: the bundle's "
+                             "MoLREConfig.load_balance_weight, 0 = the paper's unsupervised routing)")
     parser.add_argument("--train-backbone", action="store_true",
                         help="also train the backbone's own weights (not the paper's protocol; for a backbone "
                              "without foundation pre-training); the bundle then carries the trained backbone")
@@ -840,11 +877,17 @@ def _run_from_args(args, runner) -> int:
         print(f"cancelled; continue with the same command plus --resume (checkpoint: {result.checkpoint_dir})",
               file=sys.stderr)
         return EXIT_CANCELLED
+    if result.bundle_path is None:
+        print(f"error: no model was produced ({result.status} after {result.epochs_run} epoch(s)): no epoch "
+              "finished. Give more time (--max-minutes) or fewer cases; continue with --resume.", file=sys.stderr)
+        return EXIT_NO_MODEL
     return EXIT_OK
 
 
 def run_train_from_args(args) -> int:
-    """`headct-molre train`: 0 done (also early-stopped or out of time), 2 bad input, 130 cancelled."""
+    """`headct-molre train`: 0 a model was written (completed, early-stopped or out of time after at
+    least one epoch), 1 no model was produced (no epoch finished), 2 bad input (checked before any
+    work), 130 cancelled."""
     return _run_from_args(args, fit)
 
 
