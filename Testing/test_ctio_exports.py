@@ -39,17 +39,22 @@ def volume_hu() -> np.ndarray:
     return np.stack([head_hu(z) for z in range(SLICES)]).astype(np.float32)  # (z, y, x)
 
 
-def ct_slice(z: int, *, series_uid: str, study_uid: str, frame_uid: str, patient: str = "P1",
-             orientation=(1, 0, 0, 0, 1, 0), position=None, acquisition: int = 1, description: str = "HEAD NCCT",
-             spacing=(PIXEL_MM, PIXEL_MM), hu: np.ndarray | None = None) -> Dataset:
+def ct_dataset(sop_class: str, patient: str) -> Dataset:
+    """An empty CT instance of ``sop_class`` with file meta (explicit VR little endian) and a patient."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID, ds.PatientName = "CT", patient, patient
+    return ds
+
+
+def ct_slice(z: int, *, series_uid: str, study_uid: str, frame_uid: str, patient: str = "P1",
+             orientation=(1, 0, 0, 0, 1, 0), position=None, acquisition: int = 1, description: str = "HEAD NCCT",
+             spacing=(PIXEL_MM, PIXEL_MM), hu: np.ndarray | None = None) -> Dataset:
+    ds = ct_dataset("1.2.840.10008.5.1.4.1.1.2", patient)
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
     ds.SeriesDescription, ds.ConvolutionKernel, ds.ImageType = description, "H31s", ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.AcquisitionNumber, ds.InstanceNumber = acquisition, z + 1
@@ -216,6 +221,32 @@ def test_compression_is_detected_by_content_and_hdr_img_pairs_load(tmp_path, ref
     assert "no DICOM" not in str(caught.value)
 
 
+def nifti2_bytes(data: np.ndarray, sform: np.ndarray, endian: str = "<") -> bytes:
+    """A NIfTI-2 file written field by field (540-byte header, 64-bit dims and float64 geometry)."""
+    header = bytearray(544)
+    struct.pack_into(endian + "i", header, 0, 540)
+    header[4:12] = b"n+2\0\r\n\x1a\n"
+    struct.pack_into(endian + "2h", header, 12, 4, 16)
+    struct.pack_into(endian + "8q", header, 16, 3, data.shape[2], data.shape[1], data.shape[0], 1, 1, 1, 1)
+    struct.pack_into(endian + "8d", header, 104, 1.0, PIXEL_MM, PIXEL_MM, STEP_MM, 1, 1, 1, 1)
+    struct.pack_into(endian + "q", header, 168, 544)
+    struct.pack_into(endian + "2d", header, 176, 1.0, 0.0)
+    struct.pack_into(endian + "2i", header, 344, 0, 2)
+    struct.pack_into(endian + "12d", header, 400, *np.asarray(sform, float).ravel())
+    struct.pack_into(endian + "i", header, 500, 2)
+    return bytes(header) + np.ascontiguousarray(data).astype(endian + "i2").tobytes()
+
+
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_nifti2_in_either_byte_order_reads_like_the_reference(tmp_path, reference, endian):
+    path = tmp_path / "two.nii"
+    path.write_bytes(nifti2_bytes(volume_hu(), TRUE_SFORM, endian))
+    volume = load_ct(path)
+    assert volume.provenance["nifti"]["version"] == 2 and not volume.warnings
+    np.testing.assert_allclose(volume.origin_mm, ORIGIN, atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(volume.image), sitk.GetArrayViewFromImage(reference.image))
+
+
 def test_a_picture_is_named_as_a_picture(tmp_path):
     path = tmp_path / "screenshot.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
@@ -370,14 +401,7 @@ def enhanced_ct(path: Path, *, per_frame_rescale: bool) -> None:
     """One Enhanced CT Image Storage file holding the reference series as frames, written in reverse
     order, geometry in the functional groups (orientation and pixel measures shared; position and, when
     asked, rescale per frame)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID, ds.PatientName = "CT", "P1", "P1"
+    ds = ct_dataset("1.2.840.10008.5.1.4.1.1.2.1", "P1")
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
     ds.SeriesDescription, ds.ConvolutionKernel = "HEAD enhanced", "Hr38"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
