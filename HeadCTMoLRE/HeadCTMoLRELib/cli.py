@@ -249,6 +249,12 @@ def _cmd_evaluate(args) -> int:
     return evaluate.run_from_args(args)
 
 
+def _cmd_compare(args) -> int:
+    from .evaluation import compare
+
+    return compare.run_from_args(args)
+
+
 # -------------------------------------------------------------------------------------------- benchmark
 def _cmd_benchmark(args) -> int:
     from . import benchmark
@@ -361,6 +367,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from .evaluation.evaluate import add_arguments as add_evaluate_arguments
 
         add_evaluate_arguments(p)
+
+    p = add("compare", _cmd_compare,
+            "The paper's Table 2: train LoRA-only and LoRA + MoLRE per backbone, compare them (MD + PNG + JSON).")
+    if wanted("compare"):
+        from .evaluation.compare import add_arguments as add_compare_arguments
+
+        add_compare_arguments(p)
 
     p = add("benchmark", _cmd_benchmark, "Time each stage, count FLOPs and memory for tiny/small/base models.")
     if wanted("benchmark"):
