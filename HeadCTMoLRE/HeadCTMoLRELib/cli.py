@@ -164,13 +164,14 @@ def _cmd_new_model(args) -> int:
 
     catalog = findings.load_catalog(args.catalog) if args.catalog else findings.default_catalog()
     torch.manual_seed(args.seed)
+    image_size = args.image_size or backbones.default_image_size(args.backbone)
     spec = backbones.BackboneSpec(
-        family=args.backbone, size=args.size, image_size=args.image_size,
+        family=args.backbone, size=args.size, image_size=image_size,
         source=str(Path(args.backbone_path).resolve()) if args.backbone_path else None,
     )
     config = model.ModelConfig(backbone=spec, num_findings=len(catalog), use_molre=not args.no_molre)
     classifier = model.build_classifier(config, backbone_weights_dir=args.backbone_path)
-    pre = preprocess.PreprocessConfig(image_size=args.image_size, alignment=args.alignment)
+    pre = preprocess.PreprocessConfig(image_size=image_size, alignment=args.alignment)
     path = bundle.save_bundle(
         classifier, args.out, catalog=catalog, preprocessing=pre,
         name=args.name or Path(args.out).name,
@@ -182,6 +183,19 @@ def _cmd_new_model(args) -> int:
     )
     print(bundle.describe(bundle.read_manifest(path)))
     print(f"\nwrote {path}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ convert-weights
+def _cmd_convert_weights(args) -> int:
+    from .model import convert
+
+    out = convert.convert_weights(args.family, args.source, args.out, size=args.size)
+    provenance = json.loads((out / "conversion.json").read_text(encoding="utf-8"))
+    print(f"kept {provenance['tensors_kept']} tensors ({provenance['parameters_kept']:,} parameters), dropped "
+          f"{provenance['tensors_dropped']} (text tower and the like)")
+    print(f"wrote {out} (config.json + model.safetensors); use it as --backbone-path for "
+          f"`headct-molre new-model --backbone {args.family} --size {provenance['size']}`")
     return EXIT_OK
 
 
@@ -233,6 +247,12 @@ def _cmd_evaluate(args) -> int:
     from .evaluation import evaluate
 
     return evaluate.run_from_args(args)
+
+
+def _cmd_compare(args) -> int:
+    from .evaluation import compare
+
+    return compare.run_from_args(args)
 
 
 # -------------------------------------------------------------------------------------------- benchmark
@@ -293,11 +313,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
     p = add("new-model", _cmd_new_model, "Create an untrained model bundle (LoRA + MoLRE adapters at init).")
-    p.add_argument("--backbone", required=True, help="backbone family: dinov3, dinov2, siglip, videomae3d")
-    p.add_argument("--size", required=True, help="tiny, small, base, large (so400m for siglip)")
+    p.add_argument("--backbone", required=True,
+                   help="backbone family: dinov3, dinov2, siglip, videomae3d, medimageinsight")
+    p.add_argument("--size", required=True, help="tiny, small, base, large (so400m for siglip; base for medimageinsight)")
     p.add_argument("--backbone-path", help="local Hugging Face folder with the pretrained backbone (no download)")
     p.add_argument("--out", required=True, help="bundle folder to create")
-    p.add_argument("--image-size", type=int, default=224, help="slice size in pixels fed to the backbone")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="slice size in pixels fed to the backbone (default: the family's own, 480 for "
+                   "medimageinsight, else 224)")
     p.add_argument("--alignment", default="template", choices=("template", "center", "none"),
                    help="head-frame alignment used in preprocessing")
     p.add_argument("--no-molre", action="store_true", help="the paper's LoRA-only baseline")
@@ -306,6 +329,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="copy the backbone weights into the bundle (self-contained; larger)")
     p.add_argument("--name", help="model name shown in lists (default: the folder name)")
     p.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
+
+    p = add("convert-weights", _cmd_convert_weights,
+            "Convert a released checkpoint (e.g. MedImageInsight's .pt) into a safetensors backbone folder.")
+    p.add_argument("source", help="the released checkpoint (.pt read with torch.load(weights_only=True), or .safetensors)")
+    p.add_argument("--family", required=True, help="medimageinsight")
+    p.add_argument("--size", help="the family's size the checkpoint has (default: base)")
+    p.add_argument("--out", required=True, help="folder to create (config.json + model.safetensors + conversion.json)")
 
     p = add("infer", _cmd_infer, "Run a model bundle on a head CT and print the findings.")
     p.add_argument("input", help="image file or DICOM folder")
@@ -337,6 +367,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from .evaluation.evaluate import add_arguments as add_evaluate_arguments
 
         add_evaluate_arguments(p)
+
+    p = add("compare", _cmd_compare,
+            "The paper's Table 2: train LoRA-only and LoRA + MoLRE per backbone, compare them (MD + PNG + JSON).")
+    if wanted("compare"):
+        from .evaluation.compare import add_arguments as add_compare_arguments
+
+        add_compare_arguments(p)
 
     p = add("benchmark", _cmd_benchmark, "Time each stage, count FLOPs and memory for tiny/small/base models.")
     if wanted("benchmark"):

@@ -1,6 +1,6 @@
-"""Frozen vision backbones from Hugging Face transformers, adapted with peft LoRA.
+"""Frozen vision backbones (Hugging Face transformers, or native torch modules), adapted with peft LoRA.
 
-Families (all through transformers, no timm/torchvision):
+Families (no timm/torchvision):
 
     "dinov3"      DINOv3 ViT (DINOv3ViTModel), patch 16, RoPE; slice feature = pooler_output (CLS after norm)
     "dinov2"      DINOv2 (Dinov2Model), patch 14; slice feature = pooler_output
@@ -8,13 +8,17 @@ Families (all through transformers, no timm/torchvision):
                   slice feature = mean of last_hidden_state
     "videomae3d"  VideoMAE (VideoMAEModel), a genuine 3-D ViT: tubelets of 2 slices x 16 x 16 px; the
                   slices of one volume are its frames; volume feature = mean of last_hidden_state
+    "medimageinsight"  MedImageInsight's DaViT image encoder (native torch, model/davit.py), 480 px;
+                  slice feature = its image embedding (pooled stage-4 tokens after LayerNorm, times the
+                  image projection: 1024-d, before the contrastive L2 normalisation)
 
 2-D families give a `SliceEncoder`: pixels (N, 3, H, W) in 0..1 -> features (N, d). The 3-D family gives a
 `VolumeEncoder`: pixels (B, S, 3, H, W) + slice_mask (B, S) -> features (B, d); the valid slices of each
 volume (inferior -> superior) are resampled linearly along the slice axis to the model's `num_frames`.
 Both apply the family's intensity normalisation themselves (ImageNet mean/std, or 0.5/0.5 for SigLIP).
 
-Weights come from a local folder in Hugging Face format (`from_pretrained(dir, local_files_only=True)`)
+Weights come from a local folder in Hugging Face format (`from_pretrained(dir, local_files_only=True)`;
+for native families a folder written by `headct-molre convert-weights`: config.json + model.safetensors)
 or, without one, from random initialisation of the size's real configuration (so "base" has the true
 ViT-B shape for benchmarks; "tiny" / "tiny-32" are small test models). The base weights are frozen;
 LoRA (r=8, alpha=16 by default) wraps exactly the attention projections of every encoder layer
@@ -136,11 +140,21 @@ class _Family:
     sizes: dict[str, dict[str, Any]]
     fixed_overrides: dict[str, Any]  # applied to every config, loaded or random
     volumetric: bool = False
+    # where the classes live: "transformers", or a module of this package (native torch families)
+    module: str = "transformers"
+    # config entries that define the size (checked against the weights' config on load)
+    shape_keys: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+    native_image_size: int | None = None  # the input size the released weights were trained at (px)
+
+    @property
+    def native(self) -> bool:
+        return self.module != "transformers"
 
     def classes(self) -> tuple[type, type]:
-        import transformers
+        import importlib
 
-        return getattr(transformers, self.config_class_name), getattr(transformers, self.model_class_name)
+        module = importlib.import_module(self.module if not self.native else f"{__package__}.{self.module}")
+        return getattr(module, self.config_class_name), getattr(module, self.model_class_name)
 
 
 def _vit(hidden: int, layers: int, heads: int, intermediate: int) -> dict[str, Any]:
@@ -240,7 +254,35 @@ FAMILIES: dict[str, _Family] = {
         {"use_mean_pooling": True},
         volumetric=True,
     ),
+    # MedImageInsight (Microsoft, lion-ai/MedImageInsights): DaViT image encoder + image projection, 480 px.
+    "medimageinsight": _Family(
+        "DaViTConfig",
+        "DaViTImageEncoder",
+        "medimageinsight_davit",
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        r"stages\.\d+\.blocks\.\d+\.(?:spatial|channel)\.attn\.(?:qkv|proj)",
+        r"stages\.\d+\.blocks\.\d+\.(?:spatial|channel)\.mlp\.(?:fc1|fc2)",
+        {
+            # random tiny shapes for tests (also the parity fixture's): widths 8..32, windows of 4 tokens
+            "tiny": {"embed_dims": [8, 16, 24, 32], "depths": [1, 1, 2, 1], "num_heads": [2, 2, 2, 4],
+                     "num_groups": [2, 2, 2, 4], "window_size": 4, "projection_dim": 16},
+            "base": {"embed_dims": [256, 512, 1024, 2048], "depths": [1, 1, 9, 1], "num_heads": [8, 16, 32, 64],
+                     "num_groups": [8, 16, 32, 64], "window_size": 12, "projection_dim": 1024, "image_size": 480},
+        },
+        {},
+        module="davit",
+        shape_keys=("embed_dims", "depths", "num_heads", "num_groups", "projection_dim"),
+        native_image_size=480,
+    ),
 }
+
+
+def default_image_size(family: str) -> int:
+    """The slice size (px) a family's released weights expect: 480 for MedImageInsight, else 224."""
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown backbone family {family!r}; choose one of {sorted(FAMILIES)}.")
+    return FAMILIES[family].native_image_size or 224
 
 
 def available_sizes(family: str) -> list[str]:
@@ -290,7 +332,8 @@ class _Encoder(nn.Module):
         self.spec = spec
         self.backbone = backbone  # a peft PeftModel around the transformers model
         self.feature_dim = int(self.hf_config.hidden_size)
-        self.patch_size = int(self.hf_config.patch_size)
+        # input sides must be multiples of this (ViT patch size; native encoders state their own)
+        self.patch_size = int(getattr(self.hf_config, "input_multiple", None) or self.hf_config.patch_size)
         self.register_buffer("pixel_mean", torch.tensor(fam.mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(fam.std).view(3, 1, 1), persistent=False)
 
@@ -437,6 +480,13 @@ def _load_pretrained(spec: BackboneSpec, location: Path | str) -> nn.Module:
     is_local = isinstance(location, Path)
     if is_local:
         _check_local_folder(spec, location)
+    elif fam.native:
+        raise FileNotFoundError(
+            f"Backbone source {location!r} is not a local folder; {spec.family} weights are read only from a "
+            "folder written by `headct-molre convert-weights` (config.json + model.safetensors)."
+        )
+    if fam.native:
+        return model_class.from_pretrained(location)
     return model_class.from_pretrained(
         str(location),
         local_files_only=is_local,
@@ -471,22 +521,29 @@ def _check_local_folder(spec: BackboneSpec, folder: Path) -> None:
 
 
 def _random_model(spec: BackboneSpec, transformers_config: dict[str, Any] | None) -> nn.Module:
-    config_class, model_class = FAMILIES[spec.family].classes()
+    fam = FAMILIES[spec.family]
+    config_class, model_class = fam.classes()
     if transformers_config is not None:
         values = {k: v for k, v in transformers_config.items() if k not in ("transformers_version", "architectures")}
         config = config_class.from_dict(values)
     else:
         config = config_class(**random_init_config_dict(spec))
-    config._attn_implementation = "sdpa"
+    if not fam.native:
+        config._attn_implementation = "sdpa"
     return model_class(config)
 
 
 def _check_architecture(spec: BackboneSpec, model: nn.Module) -> None:
     """The model's shape must be the one its spec names (catches a 'base' spec with ViT-L weights)."""
-    expected = FAMILIES[spec.family].sizes[spec.size]
+    fam = FAMILIES[spec.family]
+    expected = fam.sizes[spec.size]
     config = model.config
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
-        if getattr(config, key) != expected[key]:
+
+    def plain(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    for key in fam.shape_keys:
+        if plain(getattr(config, key)) != plain(expected[key]):
             raise ValueError(
                 f"Backbone weights have {key}={getattr(config, key)}, but size {spec.size!r} of "
                 f"{spec.family!r} means {key}={expected[key]}; set the size that matches the weights."
