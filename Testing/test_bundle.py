@@ -10,7 +10,7 @@ import stat
 import pytest
 import torch
 
-from bundle_fixtures import make_bundle, make_classifier
+from bundle_fixtures import edit_manifest, make_bundle, make_classifier
 from HeadCTMoLRELib.model import backbones, bundle, classifier as model
 from HeadCTMoLRELib.ct import preprocess
 
@@ -109,10 +109,8 @@ def test_unlisted_safetensors_file_is_refused(bundle_copy):
 
 
 def _edit_manifest(folder, edit):
-    path = folder / "manifest.json"
-    manifest = json.loads(path.read_text())
-    edit(manifest)
-    path.write_text(json.dumps(manifest))
+    """A re-sealed edit: reaches the checks behind the manifest digest (test_hostile_inputs covers hand edits)."""
+    edit_manifest(folder, edit, reseal=True)
 
 
 def test_unknown_format_version_is_refused(bundle_copy):
