@@ -1,8 +1,8 @@
 """Optional publisher signatures of model bundles (ed25519, through the `cryptography` library).
 
 A bundle's manifest digest (``integrity.manifest_sha256``) covers every byte of the manifest, and the
-manifest lists the sha256 of every file (weights, model card), so one signature of that digest covers
-the whole bundle. The signature lives next to the manifest in ``signature.json``::
+manifest lists the sha256 of every file (weights, model card), so one signature of that digest (with
+the signer's name and the time, signed too) covers the whole bundle. The signature lives next to the manifest in ``signature.json``::
 
     {"format": "headct-molre-signature", "version": 1, "algorithm": "ed25519",
      "public_key": "ed25519:<base64 of the 32-byte key>", "key_id": "<16 hex>", "signer": "...",
@@ -147,8 +147,10 @@ def read_trusted_keys(source: str | os.PathLike) -> dict[str, bytes]:
     return keys
 
 
-def _message(manifest_sha256: str) -> bytes:
-    return _CONTEXT + manifest_sha256.encode("ascii")
+def _message(manifest_sha256: str, signer: str, signed_at: str) -> bytes:
+    """What is signed: the manifest digest and the signer's name and time (so neither can be edited)."""
+    fields = {"manifest_sha256": manifest_sha256, "signer": signer, "signed_at": signed_at}
+    return _CONTEXT + json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def sign_manifest_digest(folder: str | os.PathLike, manifest_sha256: str, private_key_path, *,
@@ -157,12 +159,13 @@ def sign_manifest_digest(folder: str | os.PathLike, manifest_sha256: str, privat
     _, serialization, _ = _crypto()
     key = _load_private_key(private_key_path)
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    signed_at = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    signer = (signer or "")[:200]
     document = {
         "format": SIGNATURE_FORMAT, "version": SIGNATURE_VERSION, "algorithm": "ed25519",
-        "public_key": format_public_key(raw), "key_id": key_id(raw), "signer": signer or "",
-        "signed_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "public_key": format_public_key(raw), "key_id": key_id(raw), "signer": signer, "signed_at": signed_at,
         "manifest_sha256": manifest_sha256,
-        "signature": base64.b64encode(key.sign(_message(manifest_sha256))).decode("ascii"),
+        "signature": base64.b64encode(key.sign(_message(manifest_sha256, signer, signed_at))).decode("ascii"),
     }
     from ..atomic_files import atomic_write_text
 
@@ -194,13 +197,14 @@ def check_signature(folder: str | os.PathLike, manifest_sha256: str,
     if document.get("manifest_sha256") != manifest_sha256:
         raise SignatureError(f"{path}: the signature is for another manifest; the bundle was changed after it was "
                              "signed. Do not use it as the signed model; get a fresh copy or ask its publisher.")
+    signer, signed_at = document.get("signer", ""), document.get("signed_at", "")
+    if not isinstance(signer, str) or not isinstance(signed_at, str):
+        raise SignatureError(f"{path}: signer and signed_at must be text")
     try:
         signature = base64.b64decode(str(document.get("signature", "")), validate=True)
-        ed25519.Ed25519PublicKey.from_public_bytes(raw).verify(signature, _message(manifest_sha256))
-    except (ValueError, invalid_signature) as error:
-        raise SignatureError(f"{path}: the signature does not verify; the bundle or its signature was altered") from error
+        ed25519.Ed25519PublicKey.from_public_bytes(raw).verify(signature, _message(manifest_sha256, signer, signed_at))
+    except (ValueError, invalid_signature):
+        raise SignatureError(f"{path}: the signature does not verify; the bundle or its signature was altered") from None
     ident = key_id(raw)
-    signer = document.get("signer")
-    return SignatureStatus(signed=True, key_id=ident, signer=str(signer)[:200] if signer else None,
-                           signed_at=str(document.get("signed_at", ""))[:64],
+    return SignatureStatus(signed=True, key_id=ident, signer=signer[:200] or None, signed_at=signed_at[:64],
                            trusted=None if trusted_keys is None else ident in trusted_keys)
