@@ -9,7 +9,6 @@ best bundle, --resume checked first). All on tiny CPU models; about half a minut
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -21,22 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundle_fixtures import edit_manifest, make_bundle, make_classifier
+from bundle_fixtures import edit_manifest, make_classifier
+from test_bundle import bundle_copy, tiny_bundle  # noqa: F401  (pytest fixtures: a tiny bundle and a fresh copy)
 from HeadCTMoLRELib import cli
 from HeadCTMoLRELib.model import backbones, bundle, classifier as model
 from HeadCTMoLRELib.ct import preprocess
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    return make_bundle(tmp_path_factory.mktemp("hostile") / "tiny")
-
-
-@pytest.fixture
-def bundle_copy(tiny_bundle, tmp_path):
-    target = tmp_path / "copy"
-    shutil.copytree(tiny_bundle, target)
-    return target
 
 
 def _write_raw(folder: Path, manifest, *, reseal: bool) -> None:

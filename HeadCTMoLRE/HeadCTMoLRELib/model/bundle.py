@@ -482,12 +482,20 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def _bundle_entries(folder: Path):
-    """Every entry below ``folder`` (never following links): (path, relative posix name, lstat)."""
+def plain_entries(folder: Path, link_advice: str = "a bundle holds plain files only (copy the files themselves, "
+                                                   "or get a fresh copy)"):
+    """Every entry below ``folder``, never following links: (path, relative posix name, lstat), folders
+    and plain files only; a symbolic link (``link_advice`` says what to do) or special file is a BundleError."""
     for root, dirs, files in os.walk(folder, followlinks=False):
         for name in sorted(dirs + files):
             entry = Path(root) / name
-            yield entry, entry.relative_to(folder).as_posix(), entry.lstat()
+            info = entry.lstat()
+            rel = entry.relative_to(folder).as_posix()
+            if stat.S_ISLNK(info.st_mode):
+                raise BundleError(f"{folder}: {rel} is a symbolic link; {link_advice}")
+            if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+                raise BundleError(f"{folder}: {rel} is not a plain file or folder; refused")
+            yield entry, rel, info
 
 
 def verify_files(folder: Path, manifest: dict) -> None:
@@ -496,12 +504,7 @@ def verify_files(folder: Path, manifest: dict) -> None:
     matches. Cheap checks come first; files are hashed last."""
     folder = Path(folder).resolve()
     listed = manifest["files"]
-    for entry, rel, info in _bundle_entries(folder):
-        if stat.S_ISLNK(info.st_mode):
-            raise BundleError(f"{folder}: {rel} is a symbolic link; a bundle holds plain files only (copy the "
-                              "files themselves, or get a fresh copy)")
-        if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
-            raise BundleError(f"{folder}: {rel} is not a plain file or folder; the bundle was altered")
+    for entry, rel, info in plain_entries(folder):
         if stat.S_ISDIR(info.st_mode):
             continue
         if has_pickle_suffix(rel):

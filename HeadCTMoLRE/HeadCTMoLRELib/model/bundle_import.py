@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .bundle import MANIFEST, BundleError, load_bundle
+from .bundle import MANIFEST, BundleError, load_bundle, plain_entries
 
 MAX_IMPORT_BYTES = 16 * 1024 ** 3
 MAX_ENTRIES = 10_000
@@ -143,23 +143,15 @@ def copy_folder(source: Path, target: Path, *, max_bytes: int = MAX_IMPORT_BYTES
     a symbolic link or special file anywhere is refused before anything is copied."""
     source = source.resolve()
     entries, total = [], 0
-    for root, dirs, files in os.walk(source, followlinks=False):
-        for name in sorted(dirs + files):
-            path = Path(root) / name
-            info = path.lstat()
-            rel = path.relative_to(source).as_posix()
-            if stat.S_ISLNK(info.st_mode):
-                raise BundleError(f"{source}: {rel} is a symbolic link; links are never followed on import (copy the "
-                                  "real files into the bundle folder).")
-            if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
-                raise BundleError(f"{source}: {rel} is not a plain file or folder; refused.")
-            if stat.S_ISREG(info.st_mode):
-                total += info.st_size
-                if total > max_bytes:
-                    raise BundleError(f"{source}: more than the import limit of {max_bytes:,} bytes; refused.")
-            entries.append((rel, stat.S_ISDIR(info.st_mode)))
-            if len(entries) > MAX_ENTRIES:
-                raise BundleError(f"{source}: more than {MAX_ENTRIES} entries; not a model bundle.")
+    advice = "links are never followed on import (copy the real files into the bundle folder)"
+    for _, rel, info in plain_entries(source, advice):
+        if stat.S_ISREG(info.st_mode):
+            total += info.st_size
+            if total > max_bytes:
+                raise BundleError(f"{source}: more than the import limit of {max_bytes:,} bytes; refused.")
+        entries.append((rel, stat.S_ISDIR(info.st_mode)))
+        if len(entries) > MAX_ENTRIES:
+            raise BundleError(f"{source}: more than {MAX_ENTRIES} entries; not a model bundle.")
     target.mkdir(parents=True)
     for rel, is_dir in entries:
         destination = target / rel
