@@ -147,10 +147,61 @@ def _cmd_info(args) -> int:
     if args.json:
         _print_json(manifest)
         return EXIT_OK
-    print(bundle.describe(manifest))
-    if args.verify:
-        bundle.load_bundle(args.bundle, verify=True)
-        print("All file hashes verified.")
+    if not args.verify:
+        print(bundle.describe(manifest))
+        return EXIT_OK
+    loaded = _verify_bundle(args.bundle, args.backbone_path, None)
+    print(bundle.describe(loaded.manifest, loaded.signature))
+    print(_verified_text(loaded))
+    return EXIT_OK
+
+
+def _verify_bundle(path, backbone_path, trusted_keys):
+    """Everything a load checks, plus the external backbone folder's hashes."""
+    from .model import bundle
+
+    loaded = bundle.load_bundle(path, verify=True, trusted_keys=trusted_keys)
+    loaded.backbone_folder = bundle.resolve_backbone_folder(loaded, backbone_path)
+    return loaded
+
+
+def _verified_text(loaded) -> str:
+    backbone = (f"; external backbone {loaded.backbone_folder} matches its hashes" if loaded.backbone_folder
+                else "; backbone bundled")
+    return (f"Manifest digest verified. All file hashes verified{backbone}. "
+            f"Signature: {loaded.signature.describe()}.")
+
+
+def _cmd_verify(args) -> int:
+    from .model import signing
+
+    trusted = signing.read_trusted_keys(args.trusted_keys) if args.trusted_keys else None
+    loaded = _verify_bundle(args.bundle, args.backbone_path, trusted)
+    print(_verified_text(loaded))
+    if trusted is not None and not loaded.signature.trusted:
+        print(f"error: {args.bundle} is {'signed by an untrusted key' if loaded.signature.signed else 'not signed'}; "
+              f"it cannot be told apart from a modified copy", file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def _cmd_sign(args) -> int:
+    from .model import bundle, signing
+
+    loaded = _verify_bundle(args.bundle, args.backbone_path, None)
+    path = signing.sign_manifest_digest(loaded.path, loaded.manifest["integrity"]["manifest_sha256"], args.key,
+                                        signer=args.signer)
+    status = bundle.load_bundle(loaded.path).signature
+    print(f"wrote {path}: {status.describe()}")
+    return EXIT_OK
+
+
+def _cmd_keygen(args) -> int:
+    from .model import signing
+
+    private, public = signing.generate_keypair(args.out)
+    print(f"wrote private key {private} (keep it secret) and public key {public} (give it to users: "
+          f"`headct-molre verify BUNDLE --trusted-keys {public.name}`)")
     return EXIT_OK
 
 
@@ -309,8 +360,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = add("info", _cmd_info, "Describe a model bundle in human terms.")
     p.add_argument("bundle", help="model bundle folder")
-    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    p.add_argument("--verify", action="store_true",
+                   help="also check every file's sha256, the external backbone and the signature")
+    p.add_argument("--backbone-path", help="where the bundle's external backbone folder is on this machine")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    p = add("verify", _cmd_verify, "Verify a model bundle: manifest digest, file hashes, backbone, signature.")
+    p.add_argument("bundle", help="model bundle folder")
+    p.add_argument("--trusted-keys", help="public keys (a file of 'ed25519:...' lines or a folder of *.pub): "
+                                          "exit 2 unless the bundle is signed by one of them")
+    p.add_argument("--backbone-path", help="where the bundle's external backbone folder is on this machine")
+
+    p = add("sign", _cmd_sign, "Sign a verified model bundle as its publisher (writes BUNDLE/signature.json).")
+    p.add_argument("bundle", help="model bundle folder")
+    p.add_argument("--key", required=True, help="private key from `headct-molre keygen`")
+    p.add_argument("--signer", help="your name or organisation, shown by info and verify")
+    p.add_argument("--backbone-path", help="where the bundle's external backbone folder is on this machine")
+
+    p = add("keygen", _cmd_keygen, "Make an ed25519 key pair for signing bundles (KEY and KEY.pub).")
+    p.add_argument("--out", required=True, help="private key file to create (the public key goes to OUT.pub)")
 
     p = add("new-model", _cmd_new_model, "Create an untrained model bundle (LoRA + MoLRE adapters at init).")
     p.add_argument("--backbone", required=True,

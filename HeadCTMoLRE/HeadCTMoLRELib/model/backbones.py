@@ -20,7 +20,10 @@ Both apply the family's intensity normalisation themselves (ImageNet mean/std, o
 Weights come from a local folder in Hugging Face format (`from_pretrained(dir, local_files_only=True)`;
 for native families a folder written by `headct-molre convert-weights`: config.json + model.safetensors)
 or, without one, from random initialisation of the size's real configuration (so "base" has the true
-ViT-B shape for benchmarks; "tiny" / "tiny-32" are small test models). The base weights are frozen;
+ViT-B shape for benchmarks; "tiny" / "tiny-32" are small test models). No hub is ever contacted: the
+package sets HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1 before transformers is imported, and a source that
+is not a local folder is refused; every weight of the architecture must be in the folder, none is silently
+left at random. The base weights are frozen;
 LoRA (r=8, alpha=16 by default) wraps exactly the attention projections of every encoder layer
 (or also the MLP with targets="all-linear").
 """
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -436,9 +438,11 @@ def build_backbone(
     """Build the backbone of `spec`, freeze it, and wrap its attention Linears with LoRA.
 
     weights_dir: a local folder in Hugging Face format (config.json + *.safetensors); never downloads.
-    Without it: `spec.source` if set (a local folder, or a hub id when HF_HUB_OFFLINE is not set),
-    otherwise random initialisation from `transformers_config` (e.g. stored in a model bundle) or from
-    the size's real configuration. Returns a SliceEncoder (2-D families) or VolumeEncoder (3-D family).
+    Without it: `spec.source` if set (a local folder; a hub id is refused), otherwise random
+    initialisation from `transformers_config` (e.g. stored in a model bundle) or from the size's real
+    configuration. The configuration is checked against the spec (check_transformers_config) BEFORE the
+    model is built, so a hostile config never allocates. Returns a SliceEncoder (2-D families) or
+    VolumeEncoder (3-D family).
     """
     fam = FAMILIES[spec.family]
     if weights_dir is not None:
@@ -459,42 +463,45 @@ def build_backbone(
     return encoder_class(spec, peft_model)
 
 
-def _resolve_source(source: str) -> Path | str:
-    """A local folder as a Path, or a hub id (a str) when downloads are allowed."""
+def _resolve_source(source: str) -> Path:
+    """The local folder of a backbone source; anything else (e.g. a hub id) is refused: no downloads."""
     folder = Path(source).expanduser()
     if folder.is_dir():
         return folder
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off"):
-        raise FileNotFoundError(
-            f"Backbone source {source!r} is not a local folder and HF_HUB_OFFLINE is set, so it cannot be "
-            "downloaded. Download the model elsewhere and pass its local folder (Hugging Face format: "
-            "config.json + *.safetensors) as the backbone weights directory."
-        )
-    return source
+    raise FileNotFoundError(
+        f"Backbone source {source!r} is not a local folder, and HeadCTMoLRE never downloads at run time. "
+        "Download the model elsewhere and pass its local folder (Hugging Face format: config.json + "
+        "*.safetensors) as the backbone weights directory."
+    )
 
 
-def _load_pretrained(spec: BackboneSpec, location: Path | str) -> nn.Module:
-    """from_pretrained on a local folder (never downloads) or, given a str, a hub id; fp32, SDPA."""
+def _load_pretrained(spec: BackboneSpec, location: Path) -> nn.Module:
+    """from_pretrained on a checked local folder (local_files_only: never downloads); fp32, SDPA.
+    Refuses a folder whose weights miss any parameter of the architecture (no silent random init)."""
     fam = FAMILIES[spec.family]
     _, model_class = fam.classes()
-    is_local = isinstance(location, Path)
-    if is_local:
-        _check_local_folder(spec, location)
-    elif fam.native:
-        raise FileNotFoundError(
-            f"Backbone source {location!r} is not a local folder; {spec.family} weights are read only from a "
-            "folder written by `headct-molre convert-weights` (config.json + model.safetensors)."
-        )
+    _check_local_folder(spec, location)
     if fam.native:
         return model_class.from_pretrained(location)
-    return model_class.from_pretrained(
+    model, info = model_class.from_pretrained(
         str(location),
-        local_files_only=is_local,
+        local_files_only=True,
         attn_implementation="sdpa",
         use_safetensors=True,
         dtype=torch.float32,
+        output_loading_info=True,
         **fam.fixed_overrides,
     )
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = info.get("mismatched_keys") or []
+    if missing or mismatched:
+        shown = ", ".join(map(str, (missing or mismatched)[:5]))
+        raise ValueError(
+            f"Backbone folder {location} lacks weights of the architecture ({len(missing)} missing, "
+            f"{len(mismatched)} of the wrong shape: {shown}); they would be random. Use the complete "
+            "checkpoint folder."
+        )
+    return model
 
 
 def _check_local_folder(spec: BackboneSpec, folder: Path) -> None:
@@ -509,8 +516,16 @@ def _check_local_folder(spec: BackboneSpec, folder: Path) -> None:
             f"Backbone folder {folder} has no *.safetensors weights (pickled .bin files are refused); "
             "convert the checkpoint to safetensors."
         )
-    with config_path.open(encoding="utf-8") as handle:
-        model_type = json.load(handle).get("model_type")
+    if config_path.stat().st_size > 1024 * 1024:
+        raise ValueError(f"Backbone folder {folder}: config.json is larger than 1 MiB; not a model configuration.")
+    try:
+        with config_path.open(encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise ValueError(f"Backbone folder {folder}: config.json is not valid JSON ({str(error)[:200]}).") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"Backbone folder {folder}: config.json is not a JSON object.")
+    model_type = values.get("model_type")
     expected = FAMILIES[spec.family].model_type
     accepted = {expected, "siglip"} if spec.family == "siglip" else {expected}
     if model_type not in accepted:
@@ -518,12 +533,16 @@ def _check_local_folder(spec: BackboneSpec, folder: Path) -> None:
             f"Backbone folder {folder} holds a {model_type!r} model, but family {spec.family!r} needs "
             f"model_type {expected!r}; choose the matching --backbone family or another folder."
         )
+    if spec.family == "siglip" and isinstance(values.get("vision_config"), dict):
+        values = values["vision_config"]  # a full SiGLIP checkpoint: the vision tower's part
+    check_transformers_config(spec, values, where=f"Backbone folder {folder}")
 
 
 def _random_model(spec: BackboneSpec, transformers_config: dict[str, Any] | None) -> nn.Module:
     fam = FAMILIES[spec.family]
     config_class, model_class = fam.classes()
     if transformers_config is not None:
+        check_transformers_config(spec, transformers_config)  # before anything is allocated
         values = {k: v for k, v in transformers_config.items() if k not in ("transformers_version", "architectures")}
         config = config_class.from_dict(values)
     else:
@@ -531,6 +550,48 @@ def _random_model(spec: BackboneSpec, transformers_config: dict[str, Any] | None
     if not fam.native:
         config._attn_implementation = "sdpa"
     return model_class(config)
+
+
+#: Bounds of the configuration values that size a backbone (a stored or downloaded config.json is checked
+#: against them, and against the spec's size, before any model is built).
+CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
+    "image_size": (8, 4096), "patch_size": (1, 64), "num_channels": (3, 3), "num_register_tokens": (0, 64),
+    "num_frames": (1, 512), "tubelet_size": (1, 8), "mlp_ratio": (1, 16),
+}
+MAX_INTERMEDIATE_RATIO = 16
+
+
+def check_transformers_config(spec: BackboneSpec, values: Any, where: str = "backbone configuration") -> None:
+    """Raise ValueError unless ``values`` (a transformers config as a dict) has the shape of ``spec``'s
+    family and size: model_type, the size's width, depth and heads, and bounded image size, patch
+    size, MLP width, register tokens and frames. Cheap: nothing is built."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} is not a JSON object.")
+    fam = FAMILIES[spec.family]
+    model_type = values.get("model_type")
+    accepted = {fam.model_type, "siglip"} if spec.family == "siglip" else {fam.model_type}
+    if model_type is not None and model_type not in accepted:
+        raise ValueError(f"{where} is a {str(model_type)[:40]!r} model, but family {spec.family!r} needs "
+                         f"model_type {fam.model_type!r}.")
+    expected = fam.sizes[spec.size]
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        value = values.get(key)
+        if value != expected[key] or isinstance(value, bool):
+            raise ValueError(
+                f"Backbone weights have {key}={str(value)[:40]}, but size {spec.size!r} of "
+                f"{spec.family!r} means {key}={expected[key]}; set the size that matches the weights."
+            )
+    for key, (low, high) in CONFIG_BOUNDS.items():
+        value = values.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ValueError(f"{where}: {key}={str(value)[:40]} is outside [{low}, {high}].")
+    intermediate = values.get("intermediate_size")
+    if intermediate is not None:
+        limit = MAX_INTERMEDIATE_RATIO * expected["hidden_size"]
+        if isinstance(intermediate, bool) or not isinstance(intermediate, int) or not 1 <= intermediate <= limit:
+            raise ValueError(f"{where}: intermediate_size={str(intermediate)[:40]} is outside [1, {limit}].")
 
 
 def _check_architecture(spec: BackboneSpec, model: nn.Module) -> None:

@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -114,28 +112,6 @@ def _manifest_entries() -> list[dict]:
             folder = Path(path).parent / folder
         out.append(dict(entry, path=str(folder), source="builtin"))
     return out
-
-
-def _safe_extract(archive: Path, target: Path) -> None:
-    """Extract a zip refusing absolute paths, '..' components and links (no writes outside ``target``)."""
-    with zipfile.ZipFile(archive) as handle:
-        for member in handle.infolist():
-            name = member.filename
-            parts = Path(name).parts
-            if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-                raise bundle_lib.BundleError(f"{archive}: refusing unsafe path {name!r} in the archive; the zip "
-                                             "must hold only relative paths inside one bundle folder.")
-            if (member.external_attr >> 16) & 0o170000 == 0o120000:
-                raise bundle_lib.BundleError(f"{archive}: refusing symbolic link {name!r} in the archive.")
-        handle.extractall(target)
-
-
-def _find_bundle_root(folder: Path) -> Path:
-    candidates = sorted(p.parent for p in folder.rglob(bundle_lib.MANIFEST))
-    if len(candidates) != 1:
-        raise bundle_lib.BundleError(f"{folder}: expected exactly one model bundle (a folder with "
-                                     f"{bundle_lib.MANIFEST}), found {len(candidates)}.")
-    return candidates[0]
 
 
 def list_models() -> list[dict]:
@@ -310,27 +286,9 @@ class HeadCTMoLRECore:
 
     def import_model(self, path) -> dict:
         """Verify a bundle folder or .zip and copy it into the user model folder; returns its entry."""
-        source = Path(path).expanduser().resolve()
-        folder = user_model_folder()
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".import-") as staging:
-            staging = Path(staging)
-            if source.is_file() and zipfile.is_zipfile(source):
-                _safe_extract(source, staging / "unzipped")
-                root = _find_bundle_root(staging / "unzipped")
-            elif source.is_dir():
-                root = source
-            else:
-                raise bundle_lib.BundleError(f"{source}: not a model bundle folder or .zip archive.")
-            manifest = bundle_lib.read_manifest(root)  # JSON and hashes only: no torch in the GUI process
-            verification_cache.verify_bundle_files(root, manifest)
-            name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(manifest.get("name") or root.name))
-            name = name.lstrip(".") or "model"
-            target, index = folder / name, 2
-            while target.exists():
-                target, index = folder / f"{name}-{index}", index + 1
-            shutil.copytree(root, target)
-        return _describe_bundle(target)
+        from ..model.bundle_import import import_bundle
+
+        return _describe_bundle(import_bundle(path, user_model_folder()))
 
     def device_info(self) -> dict:
         from ..inference import device_report

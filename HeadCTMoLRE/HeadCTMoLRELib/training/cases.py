@@ -32,7 +32,11 @@ Preprocessing cache: a case's slice stack is stored under
 (``pixels`` uint8 (S, 3, H, W) = round(255 * window value), ``slice_valid`` uint8 (S,); warnings in the
 metadata). The window values lose at most 1/510 of a window (0.16 HU in the brain window), well under
 CT noise. Default folder ``~/.cache/headct-molre/stacks``; ``HEADCT_MOLRE_CACHE`` or an argument
-overrides it. Only safetensors and JSON are read back, never pickle.
+overrides it. Only safetensors and JSON are read back, never pickle. Each entry carries its own key,
+the sha256 and byte count of its tensors and their shapes (metadata), is written atomically (fsync +
+rename), and is checked whenever it is read: a truncated, empty, corrupted or swapped entry is reported
+(``CacheResult.rebuilt``) and rebuilt by the next ``build_cache``, never a crash that needs the cache
+deleted by hand.
 """
 
 from __future__ import annotations
@@ -45,7 +49,6 @@ import json
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +58,8 @@ import numpy as np
 
 from .. import calibration, metrics
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+MAX_CACHE_ENTRY_BYTES = 4 * 1024 ** 3
 CACHE_ENV = "HEADCT_MOLRE_CACHE"
 SPLITS = ("train", "val", "test")
 #: Columns of a cases CSV that are not findings (see the module docstring).
@@ -383,58 +387,110 @@ class CachedStack:
     warnings: list[str] = field(default_factory=list)
 
 
+class CacheEntryError(ValueError):
+    """A cache entry that cannot be used (truncated, empty, corrupted, swapped); it is rebuilt."""
+
+
+def _content_digest(tensors: dict[str, np.ndarray]) -> tuple[str, int]:
+    """sha256 and byte count over the tensors' names, dtypes, shapes and bytes (sorted by name)."""
+    digest, size = hashlib.sha256(), 0
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}\n".encode())
+        digest.update(array.tobytes())
+        size += array.nbytes
+    return digest.hexdigest(), size
+
+
 def write_cached_stack(path: Path, stack, source: str) -> None:
-    """Store a preprocess.SliceStack at ``path`` (safetensors), atomically (temp file + rename)."""
+    """Store a preprocess.SliceStack at ``path`` (safetensors) with its key, digest and size in the
+    metadata, atomically (temporary file, fsync, rename)."""
     from safetensors.numpy import save_file
+
+    from ..atomic_files import atomic_write
 
     tensors = {
         "pixels": np.ascontiguousarray(np.round(np.clip(stack.pixels, 0.0, 1.0) * 255.0).astype(np.uint8)),
         "slice_valid": np.ascontiguousarray(np.asarray(stack.slice_valid, dtype=np.uint8)),
     }
+    digest, size = _content_digest(tensors)
     metadata = {"format": f"headct-molre-stack-{CACHE_FORMAT_VERSION}", "source": source,
+                "key": Path(path).stem, "content_sha256": digest, "content_bytes": str(size),
                 "warnings": json.dumps(list(stack.warnings))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
 def read_cached_stack(path: str | os.PathLike) -> CachedStack:
-    """Read a stack written by ``write_cached_stack`` (safetensors only)."""
+    """Read and check a stack written by ``write_cached_stack`` (safetensors only). Raises
+    CacheEntryError naming the file and the problem for an entry that is empty, truncated, corrupted,
+    of another format, or swapped with another entry (its stored key is not its file name)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="numpy") as handle:
-        metadata = handle.metadata() or {}
-        pixels = handle.get_tensor("pixels")
-        slice_valid = handle.get_tensor("slice_valid").astype(bool)
-    return CachedStack(pixels=pixels, slice_valid=slice_valid, warnings=json.loads(metadata.get("warnings", "[]")))
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise CacheEntryError(f"cache entry {path} cannot be read ({error.strerror or error})") from None
+    if size == 0 or size > MAX_CACHE_ENTRY_BYTES:
+        raise CacheEntryError(f"cache entry {path} is {'empty' if size == 0 else f'{size:,} bytes, too large'}")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in ("pixels", "slice_valid")}
+    except Exception as error:  # SafetensorError (truncated header/data), missing tensor, OSError
+        raise CacheEntryError(f"cache entry {path} is damaged ({type(error).__name__}: {str(error)[:200]})") from None
+    if metadata.get("format") != f"headct-molre-stack-{CACHE_FORMAT_VERSION}":
+        raise CacheEntryError(f"cache entry {path} has format {metadata.get('format')!r:.60}, not this version's")
+    if metadata.get("key") != path.stem:
+        raise CacheEntryError(f"cache entry {path} holds the entry {str(metadata.get('key'))[:16]}... (swapped or "
+                              "copied over another entry)")
+    digest, content_bytes = _content_digest(tensors)
+    if digest != metadata.get("content_sha256") or str(content_bytes) != metadata.get("content_bytes"):
+        raise CacheEntryError(f"cache entry {path} does not match its own digest (corrupted)")
+    pixels, valid = tensors["pixels"], tensors["slice_valid"]
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or valid.ndim != 1 or valid.shape[0] != pixels.shape[0]:
+        raise CacheEntryError(f"cache entry {path} has tensors of unexpected shapes {pixels.shape}, {valid.shape}")
+    try:
+        warnings = json.loads(metadata.get("warnings", "[]"))
+    except ValueError:
+        raise CacheEntryError(f"cache entry {path} has unreadable warnings metadata") from None
+    return CachedStack(pixels=pixels, slice_valid=valid.astype(bool), warnings=[str(w) for w in warnings])
 
 
-def _cache_one(source: str, preprocessing_dict: dict, cache_dir: str) -> tuple[str, str | None, bool, str | None]:
-    """Worker: (source) -> (source, cache file or None, was_cached, error or None). Never raises for a
-    bad input; the error text names the file and the problem."""
+def _cache_one(source: str, preprocessing_dict: dict, cache_dir: str) -> tuple[str, str | None, bool, str | None, str | None]:
+    """Worker: (source) -> (source, cache file or None, was_cached, error or None, rebuilt note or None).
+    Never raises for a bad input; the error text names the file and the problem. A damaged cache entry
+    is removed and rebuilt, and the note says so."""
     from ..ct.preprocess import PreprocessConfig, preprocess
 
+    note = None
     try:
         config = PreprocessConfig.from_dict(preprocessing_dict)
         target = Path(cache_dir) / f"{cache_key(input_sha256(source), config)}.safetensors"
-        if target.is_file():
-            return source, str(target), True, None
+        if target.exists() or target.is_symlink():
+            try:
+                if target.is_symlink() or not target.is_file():
+                    raise CacheEntryError(f"cache entry {target} is not a plain file")
+                read_cached_stack(target)
+                return source, str(target), True, None, None
+            except CacheEntryError as problem:
+                note = f"{source}: {problem}; rebuilt"
+                if target.is_dir() and not target.is_symlink():
+                    import shutil
+
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
         from ..ct.loader import load_ct
 
         stack = preprocess(load_ct(source), config)
         if not stack.slice_valid.any():
-            return source, None, False, f"{source}: no slice of the head frame lies inside the scan; skipped"
+            return source, None, False, f"{source}: no slice of the head frame lies inside the scan; skipped", note
         write_cached_stack(target, stack, source)
-        return source, str(target), False, None
+        return source, str(target), False, None, note
     except (ValueError, OSError, RuntimeError, MemoryError) as error:  # CTInputError is a ValueError
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return source, None, False, text if source in text else f"{source}: {text}"
+        return source, None, False, text if source in text else f"{source}: {text}", note
 
 
 def _worker_init() -> None:
@@ -452,12 +508,14 @@ def _worker_init() -> None:
 @dataclass
 class CacheResult:
     """``files``: source path -> cache file (for the cases that worked); ``failures``: (path, reason);
-    ``reused``: how many were already cached; ``seconds``: wall time."""
+    ``reused``: how many were already cached; ``rebuilt``: (path, what was wrong with its damaged cache
+    entry, which was rebuilt); ``seconds``: wall time."""
 
     files: dict[str, Path]
     failures: list[tuple[str, str]]
     reused: int = 0
     seconds: float = 0.0
+    rebuilt: list[tuple[str, str]] = field(default_factory=list)
 
 
 def build_cache(sources: Iterable[str | os.PathLike | Case], preprocessing, *, cache_dir=None,
@@ -477,7 +535,9 @@ def build_cache(sources: Iterable[str | os.PathLike | Case], preprocessing, *, c
     result = CacheResult(files={}, failures=[])
 
     def record(outcome):
-        source, file, cached, error = outcome
+        source, file, cached, error, note = outcome
+        if note:
+            result.rebuilt.append((source, note))
         if file:
             result.files[source] = Path(file)
             result.reused += int(cached)
@@ -485,7 +545,7 @@ def build_cache(sources: Iterable[str | os.PathLike | Case], preprocessing, *, c
             result.failures.append((source, error or "unknown error"))
         if progress:
             progress({"stage": "cache", "done": len(result.files) + len(result.failures), "total": len(unique),
-                      "path": source})
+                      "path": source, **({"rebuilt": note} if note else {})})
 
     if workers <= 1 or len(unique) <= 1:
         for source in unique:
@@ -514,7 +574,7 @@ def _build_in_pool(sources: list[str], args: tuple, workers: int, record) -> lis
                 if finished == 0:
                     broken.append(futures[future])
                     continue
-                outcome = (futures[future], None, False, f"{futures[future]}: preprocessing crashed ({error})")
+                outcome = (futures[future], None, False, f"{futures[future]}: preprocessing crashed ({error})", None)
             finished += 1
             record(outcome)
     return broken

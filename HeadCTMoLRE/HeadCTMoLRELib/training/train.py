@@ -25,10 +25,14 @@ Protocol:
 - bf16 autocast on CUDA ("auto"), fp32 on the CPU; gradient accumulation; DistributedDataParallel
   under torchrun (see distributed.py).
 
-Run folder ``OUT``: ``model/`` (the best bundle, atomically replaced when validation improves),
+Run folder ``OUT``: ``model/`` (the best bundle, atomically replaced when validation improves: written
+in a staging folder, the old one renamed aside, the new one renamed in),
 ``checkpoint/`` (``state.json`` + ``tensors-*.safetensors``: trainable weights, AdamW state and RNG
-states, rewritten atomically each epoch and on cancel, so ``resume=True`` continues exactly where the
-run stopped), ``history.json`` (one entry per epoch).
+states, rewritten atomically (fsync + rename) each epoch and on cancel, so ``resume=True`` continues
+exactly where the run stopped), ``history.json`` (one entry per epoch). Each epoch's checkpoint is
+written BEFORE its best bundle, and a resumed run first writes the best bundle a crash kept from being
+written, so the bundle's training record always matches its weights. Staging folders a crash left
+behind are cleaned at the next run; ``resume`` checks the checkpoint before any case is preprocessed.
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import platform
 import random
 import signal
@@ -55,6 +58,7 @@ from .augment import AugmentConfig
 from . import distributed
 from .. import calibration
 from ..calibration import ALPHA_CLIP
+from ..atomic_files import atomic_write, atomic_write_text
 from ..settings import reject_unknown_settings
 
 CHECKPOINT_FORMAT = "headct-molre-checkpoint"
@@ -264,18 +268,50 @@ def save_checkpoint(folder: Path, *, model, optimizer, augment_generator, state:
                 scalars.setdefault(str(index), {})[key] = value
     tensors.update({k: v.cpu().contiguous() for k, v in _rng_tensors(augment_generator).items()})
     name = f"tensors-{state['epoch']:04d}-{state['step']:06d}.safetensors"
-    temporary = folder / f".{name}.tmp"
-    save_file(tensors, str(temporary))
-    os.replace(temporary, folder / name)
+    atomic_write(folder / name, lambda temporary: save_file(tensors, temporary))
     document = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "tensors": name,
                 "tensors_sha256": sha256_file(folder / name), "optimizer_param_groups": optimizer_state["param_groups"],
                 "optimizer_scalars": scalars, "host_rng": _python_rng_json(), **state}
-    staging = folder / ".state.json.tmp"
-    staging.write_text(json.dumps(document, indent=1), encoding="utf-8")
-    os.replace(staging, folder / "state.json")
+    atomic_write_text(folder / "state.json", json.dumps(document, indent=1))
     for old in folder.glob("tensors-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
+
+
+def check_checkpoint(folder: Path) -> dict:
+    """The checkpoint's JSON state, after checking (cheaply, before any case is preprocessed) that it
+    exists, is of this version and that its tensor file is the one it names. Raises TrainError."""
+    from ..model.bundle import sha256_file
+
+    state_path = folder / "state.json"
+    if not state_path.is_file():
+        raise TrainError(f"{folder}: no checkpoint to resume from (state.json missing); start without --resume.")
+    try:
+        document = json.loads(state_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise TrainError(f"{state_path} is damaged ({str(error)[:200]}); cannot resume. Start a new run in "
+                         "another --out.") from None
+    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT \
+            or document.get("version") != CHECKPOINT_VERSION:
+        raise TrainError(f"{state_path}: not a checkpoint of this HeadCTMoLRE version.")
+    name = str(document.get("tensors", ""))
+    tensor_path = folder / name
+    if "/" in name or not name.startswith("tensors-") or not tensor_path.is_file() \
+            or sha256_file(tensor_path) != document.get("tensors_sha256"):
+        raise TrainError(f"{tensor_path}: missing or changed since the checkpoint was written; cannot resume.")
+    return document
+
+
+def clean_stale_outputs(out_dir: Path) -> list[Path]:
+    """Remove what an interrupted run left in ``out_dir``: staging folders of the best bundle (putting
+    the previous bundle back if a crash came between its two renames) and temporary checkpoint files."""
+    from ..model.bundle import recover_interrupted_save
+
+    removed = recover_interrupted_save(out_dir / "model")
+    for temporary in [*(out_dir / "checkpoint").glob(".*.tmp"), *out_dir.glob(".history.json.*.tmp")]:
+        temporary.unlink(missing_ok=True)
+        removed.append(temporary)
+    return removed
 
 
 def load_checkpoint(folder: Path, *, model, optimizer, augment_generator) -> dict:
@@ -284,20 +320,11 @@ def load_checkpoint(folder: Path, *, model, optimizer, augment_generator) -> dic
     import torch
     from safetensors.torch import load_file
 
-    from ..model.bundle import sha256_file
     from ..model.backbones import load_base_state_dict
     from ..model.classifier import backbone_is_trainable, load_trainable_state_dict
 
-    state_path = folder / "state.json"
-    if not state_path.is_file():
-        raise TrainError(f"{folder}: no checkpoint to resume from (state.json missing); start without --resume.")
-    document = json.loads(state_path.read_text(encoding="utf-8"))
-    if document.get("format") != CHECKPOINT_FORMAT or document.get("version") != CHECKPOINT_VERSION:
-        raise TrainError(f"{state_path}: not a checkpoint of this HeadCTMoLRE version.")
-    tensor_path = folder / document["tensors"]
-    if not tensor_path.is_file() or sha256_file(tensor_path) != document["tensors_sha256"]:
-        raise TrainError(f"{tensor_path}: missing or changed since the checkpoint was written; cannot resume.")
-    tensors = load_file(str(tensor_path))
+    document = check_checkpoint(folder)
+    tensors = load_file(str(folder / document["tensors"]))
     load_trainable_state_dict(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
     if bool(backbone) != backbone_is_trainable(model):
@@ -484,6 +511,10 @@ def fit(cases, start_bundle, out_dir, config: TrainConfig | None = None, *, cach
         if context.is_main and not resume and (checkpoint_dir / "state.json").exists():
             raise TrainError(f"{out_dir} already holds a training run; pass --resume to continue it or choose "
                              "another --out.")
+        if resume:
+            check_checkpoint(checkpoint_dir)  # refuse before preprocessing any case
+        if context.is_main:
+            clean_stale_outputs(out_dir)
         run = _prepare(cases, start_bundle, out_dir, config, cache_dir, progress, _kind, context)
         run.parent = _parent
         return _train(run, checkpoint_dir, progress, should_stop, resume, started)
@@ -540,6 +571,8 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
         history, elapsed_before = document["history"], float(document.get("elapsed_s", 0.0))
         stopper.load(document["early_stopping"])
         stopper.max_epochs = config.max_epochs
+        if context.is_main and start_step == 0 and _best_bundle_pending(run, history):
+            _save_best(run, model, history[-1], history)  # the checkpoint's weights are that epoch's
     wrapped = distributed.wrap_model(model, context)
     spacing = run.start_bundle.preprocessing
     status, epoch = "completed", start_epoch
@@ -616,7 +649,10 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
         epoch += 1
         record = _epoch_record(epoch, sums, model)
         _validate(run, model, record, stopper, history, progress)
-        checkpoint(epoch, 0, None)
+        checkpoint(epoch, 0, None)  # before the best bundle: a crash between them is repaired on resume
+        if history[-1].get("best") and context.is_main:
+            _save_best(run, model, history[-1], history)
+        distributed.barrier(context)
     status = "early_stopped" if epoch < config.max_epochs else "completed"
     return _finish(run, status, model, history, stopper, checkpoint_dir, started, elapsed_before, progress)
 
@@ -654,8 +690,6 @@ def _validate(run: _Run, model, record: dict, stopper: EarlyStopping, history: l
     improved = stopper.update(record["epoch"], score)
     record["best"] = improved
     history.append(record)
-    if improved and context.is_main:
-        _save_best(run, model, record, history)
     if progress and context.is_main:
         progress({"stage": "validate", **record, "epochs": run.config.max_epochs,
                   "best_val_mean_auc": None if not len(run.val_table) else stopper.state()["best_score"]})
@@ -698,6 +732,20 @@ def _provenance(run: _Run, history: list, stopper: EarlyStopping, status: str | 
     return provenance
 
 
+def _best_bundle_pending(run: _Run, history: list) -> bool:
+    """True when the last finished epoch was the best but OUT/model does not hold it (a crash came
+    between its checkpoint and its bundle)."""
+    from ..model.bundle import BundleError, read_manifest
+
+    if not history or not history[-1].get("best"):
+        return False
+    try:
+        written = (read_manifest(run.out_dir / "model").get("metrics") or {}).get("best_epoch")
+    except BundleError:
+        return True
+    return written != history[-1]["epoch"]
+
+
 def _save_best(run: _Run, model, record: dict, history: list) -> None:
     from ..model.bundle import resolve_backbone_folder, save_bundle
 
@@ -727,7 +775,7 @@ def _finish(run: _Run, status: str, model, history, stopper, checkpoint_dir, sta
     duration = elapsed_before + time.perf_counter() - started
     bundle_path = run.out_dir / "model"
     if run.context.is_main:
-        (run.out_dir / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+        atomic_write_text(run.out_dir / "history.json", json.dumps(history, indent=1))
         if (bundle_path / "manifest.json").is_file():
             update_bundle(bundle_path, training=_provenance(run, history, stopper, status, duration))
     distributed.barrier(run.context)
