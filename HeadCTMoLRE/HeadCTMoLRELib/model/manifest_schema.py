@@ -358,6 +358,7 @@ MANIFEST_FIELDS: dict[str, Field] = {
     "metrics": Field(optional(json_document), required=False),
     "thresholds": Field(mapping_of(text(100), number(0.0, 1.0, low_open=True, high_open=True), max_items=2000)),
     "temperature": Field(number(0.01, 100.0)),
+    "calibration": Field(optional(json_document), required=False),  # calibration.calibration_record
     "files": Field(mapping_of(bundle_path, sha256_hex, min_items=1, max_items=MAX_FILES)),
     "integrity": Field(INTEGRITY),
     "extensions": Field(mapping_of(text(100), json_document, max_items=100), required=False),
