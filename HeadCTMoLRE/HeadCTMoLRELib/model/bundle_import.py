@@ -1,7 +1,8 @@
 """Importing a model bundle (a folder or a .zip) from a stranger into the user model folder.
 
 The source is copied into a hidden staging folder inside the destination, the COPY is verified
-(bundle.load_bundle: manifest digest and schema, every hash), and only then renamed into place under a
+(bundle.read_manifest + bundle.verify_files: manifest digest and schema, paths, every hash; JSON and
+hashing only, no torch, so the GUI process can import), and only then renamed into place under a
 unique name; any failure removes the staging folder, so nothing partial is ever left behind.
 
 Zip archives: every entry must be a plain file or folder with a relative path inside the archive (no
@@ -22,7 +23,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .bundle import MANIFEST, BundleError, load_bundle, plain_entries
+from .bundle import MANIFEST, BundleError, plain_entries, read_manifest, verify_files
 
 MAX_IMPORT_BYTES = 16 * 1024 ** 3
 MAX_ENTRIES = 10_000
@@ -50,8 +51,9 @@ def import_bundle(source: str | os.PathLike, models_folder: str | os.PathLike, *
             copy_folder(source, root, max_bytes=max_bytes)
         else:
             raise BundleError(f"{source}: not a model bundle folder or .zip archive.")
-        loaded = load_bundle(root)
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (loaded.name or root.name)).lstrip(".") or "model"
+        manifest = read_manifest(root)
+        verify_files(root, manifest)
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(manifest["name"])).lstrip(".") or "model"
         target, index = folder / name, 2
         while target.exists() or target.is_symlink():
             target, index = folder / f"{name}-{index}", index + 1

@@ -315,6 +315,25 @@ INTEGRITY = record({
 })
 
 
+PRIOR_CORRECTION = record({
+    "kind": Field(text(100), required=False),
+    "rule": Field(text(1000), required=False),
+    "alpha_source": Field(text(1000), required=False),
+    "focal_alpha": Field(mapping_of(text(100), number(0.0, 1.0, low_open=True, high_open=True), max_items=2000),
+                         required=False),
+    "logit_offset": Field(mapping_of(text(100), number(-50.0, 50.0), max_items=2000), required=False),
+}, open_keys=True)
+
+#: calibration.py's record (prior correction, temperature, where it was fitted).
+CALIBRATION = record({
+    "method": Field(choice("none", "temperature", "prior_correction", "prior_correction+temperature")),
+    "temperature": Field(number(0.01, 100.0)),
+    "prior_correction": Field(optional(PRIOR_CORRECTION), required=False),
+    "fitted_on": Field(optional(json_document), required=False),
+    "probability": Field(text(500), required=False),
+}, open_keys=True)
+
+
 def _cross_checks(manifest: dict, path: str) -> None:
     rows = manifest["findings"]["findings"]
     ids = [row["id"] for row in rows]
@@ -333,6 +352,15 @@ def _cross_checks(manifest: dict, path: str) -> None:
         raise SchemaError("files", "weights/adapters.safetensors is not listed")
     if manifest["backbone"]["weights"]["kind"] == "bundled" and "weights/backbone.safetensors" not in files:
         raise SchemaError("files", "the backbone is bundled but weights/backbone.safetensors is not listed")
+    calibration = manifest.get("calibration")
+    if calibration and calibration["temperature"] != manifest["temperature"]:
+        raise SchemaError("calibration.temperature", f"{calibration['temperature']} but the bundle's temperature is "
+                                                     f"{manifest['temperature']}")
+    offsets = ((calibration or {}).get("prior_correction") or {}).get("logit_offset") or {}
+    unknown = sorted(set(offsets) - set(ids))
+    if unknown:
+        raise SchemaError("calibration.prior_correction.logit_offset",
+                          f"offsets for findings not in its catalog: {', '.join(unknown[:5])}")
     lowered = [name.lower() for name in files]
     if len(set(lowered)) != len(lowered):
         raise SchemaError("files", "two entries differ only in upper/lower case")
@@ -358,7 +386,7 @@ MANIFEST_FIELDS: dict[str, Field] = {
     "metrics": Field(optional(json_document), required=False),
     "thresholds": Field(mapping_of(text(100), number(0.0, 1.0, low_open=True, high_open=True), max_items=2000)),
     "temperature": Field(number(0.01, 100.0)),
-    "calibration": Field(optional(json_document), required=False),  # calibration.calibration_record
+    "calibration": Field(optional(CALIBRATION), required=False),
     "files": Field(mapping_of(bundle_path, sha256_hex, min_items=1, max_items=MAX_FILES)),
     "integrity": Field(INTEGRITY),
     "extensions": Field(mapping_of(text(100), json_document, max_items=100), required=False),
