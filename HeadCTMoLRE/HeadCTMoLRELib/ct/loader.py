@@ -32,6 +32,7 @@ from . import checks as ct_checks
 from .checks import CTInputError
 from .dicom_series import choose_series, scan_dicom
 from .dicom_volume import build_volume
+from .series_manifest import is_series_manifest, read_series_files
 
 __all__ = ["CTInputError", "CTVolume", "load_ct", "list_dicom_series", "validation_report"]
 
@@ -381,6 +382,8 @@ def load_ct(source: str | os.PathLike | Sequence[os.PathLike], series: str | Non
     Returns a CTVolume whose image is 3-D float32 HU in LPS mm (x, y, z; numpy z, y, x). Raises
     CTInputError naming the file, the problem and the remedy.
     """
+    if isinstance(source, (str, os.PathLike)) and is_series_manifest(source):
+        source = read_series_files(source)  # one series named by a *.series.json (ct/series_manifest.py)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():

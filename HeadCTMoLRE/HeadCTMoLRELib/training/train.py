@@ -51,6 +51,7 @@ import numpy as np
 
 from .augment import AugmentConfig
 from . import distributed
+from ..datasets.importer import read_dataset_sidecar
 from ..settings import reject_unknown_settings
 
 CHECKPOINT_FORMAT = "headct-molre-checkpoint"
@@ -663,6 +664,9 @@ def _provenance(run: _Run, history: list, stopper: EarlyStopping, status: str | 
     }
     if run.parent:
         provenance["parent_bundle"] = run.parent
+    dataset = read_dataset_sidecar(run.table.csv_path)  # CASES.dataset.json from `import-dataset`: name, licence
+    if dataset:
+        provenance["dataset"] = dataset
     return provenance
 
 
