@@ -29,6 +29,7 @@ LAYERS = {
     "ct": 3, "phantoms": 3,  # CT in (real or synthetic); neither knows the other
     "model": 4,
     "inference": 5, "outputs": 5,
+    "datasets": 5,  # public dataset importers (ct, findings); training copies their sidecar
     "training": 6,
     "evaluation": 7,  # reads cases and predictions through training.cases
     "slicer": 8, "benchmark": 8,

@@ -306,6 +306,13 @@ def _cmd_compare(args) -> int:
     return compare.run_from_args(args)
 
 
+# ---------------------------------------------------------------------------------------- import-dataset
+def _cmd_import_dataset(args) -> int:
+    from .datasets import importer
+
+    return importer.run_from_args(args)
+
+
 # -------------------------------------------------------------------------------------------- benchmark
 def _cmd_benchmark(args) -> int:
     from . import benchmark
@@ -442,6 +449,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from .evaluation.compare import add_arguments as add_compare_arguments
 
         add_compare_arguments(p)
+
+    p = add("import-dataset", _cmd_import_dataset,
+            "Turn a downloaded public head CT dataset (RSNA ICH, CQ500, CT-ICH) into a cases CSV.")
+    from .datasets.importer import add_arguments as add_import_arguments
+
+    add_import_arguments(p)
 
     p = add("benchmark", _cmd_benchmark, "Time each stage, count FLOPs and memory for tiny/small/base models.")
     if wanted("benchmark"):

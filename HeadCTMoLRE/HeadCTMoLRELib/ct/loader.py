@@ -31,6 +31,7 @@ from .checks import MAX_PAYLOAD_BYTES, CTInputError
 from . import nifti
 from .dicom_series import choose_series, scan_dicom, series_warnings
 from .dicom_volume import build_volume, orthogonal_image
+from .series_manifest import is_series_manifest, read_series_files
 
 __all__ = ["CTInputError", "CTVolume", "load_ct", "list_dicom_series", "validation_report"]
 
@@ -368,6 +369,8 @@ def load_ct(source: str | os.PathLike | Sequence[os.PathLike], series: str | Non
     Returns a CTVolume whose image is 3-D float32 HU in LPS mm (x, y, z; numpy z, y, x) on an orthogonal
     grid. Raises CTInputError naming the file, the problem and the remedy.
     """
+    if isinstance(source, (str, os.PathLike)) and is_series_manifest(source):
+        source = read_series_files(source)  # one series named by a *.series.json (ct/series_manifest.py)
     image, warnings, notes, provenance = _read_source(source, series, hu_offset)
     name = str(source) if isinstance(source, (str, os.PathLike)) else provenance["source_paths"][0]
     if provenance["format"] == "dicom":

@@ -59,6 +59,7 @@ from . import distributed
 from .. import calibration
 from ..calibration import ALPHA_CLIP
 from ..atomic_files import atomic_write, atomic_write_text
+from ..datasets.importer import read_dataset_sidecar
 from ..settings import reject_unknown_settings
 
 CHECKPOINT_FORMAT = "headct-molre-checkpoint"
@@ -729,6 +730,9 @@ def _provenance(run: _Run, history: list, stopper: EarlyStopping, status: str | 
     }
     if run.parent:
         provenance["parent_bundle"] = run.parent
+    dataset = read_dataset_sidecar(run.table.csv_path)  # CASES.dataset.json from `import-dataset`: name, licence
+    if dataset:
+        provenance["dataset"] = dataset
     return provenance
 
 
