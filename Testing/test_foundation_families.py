@@ -65,7 +65,7 @@ def test_medimageinsight_from_converted_weights_through_every_command(capsys, tm
     assert code == 0, err
     code, out, err = run(capsys, "evaluate", "--cases", cases_csv, "--model", tmp_path / "ft" / "model",
                          "--out", tmp_path / "eval", "--device", "cpu", "--cache", cache, "--json",
-                         "--bootstrap", 10, "--no-write-back")
+                         "--bootstrap", 10)
     assert code == 0, err
     assert "per_finding" in json.loads(out)
 

@@ -132,7 +132,7 @@ def test_select_finding_returns_top_contributing_slice_and_updates_map(scene, pr
     nodes = mrml.show_prediction(scene, prediction, name="case")
     finding = prediction.catalog.ids[10]
     index = prediction.catalog.index_of(finding)
-    top = int(np.argmax(prediction.contributions[:, index]))
+    top = prediction.top_slice(index)  # the most contributing slice inside the scan
     assert mrml.select_finding(scene, nodes, finding) == pytest.approx(prediction.slice_positions_mm[top, 2])
     assert nodes.contribution.GetAttribute(mrml.SELECTED_FINDING) == finding
     expected = sitk.GetArrayFromImage(prediction.contribution_image(finding))

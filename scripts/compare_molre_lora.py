@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     test_csv = demo.write_phantoms(work / "fresh-phantoms", args.eval_n, args.seed + 1)
     out = work / "compare-evaluation"
     evaluation = evaluate(test_csv, arms["molre"]["bundle"], out, compare=arms["lora"]["bundle"], device="cpu",
-                          cache_dir=work / "cache", write_back=False)
+                          cache_dir=work / "cache")
     comparison = evaluation["comparison"]
     rendered = renderable_ids()
     tsv = _read_rows(out / COMPARISON_TSV)

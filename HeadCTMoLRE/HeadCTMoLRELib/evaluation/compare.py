@@ -197,7 +197,7 @@ def run_compare(cases_csv, backbones_text: str, out_dir, *, backbone_root=None, 
             trained[key] = _train_arm(cases_csv, start, base / key / "run", config, cache_dir, nproc, progress)
         evaluation_dir = base / "evaluation"
         evaluation = evaluate(cases_csv, trained["molre"], evaluation_dir, compare=trained["lora"], device=device,
-                              cache_dir=cache_dir, write_back=False, split=split, n_boot=n_boot, seed=config.seed)
+                              cache_dir=cache_dir, split=split, n_boot=n_boot, seed=config.seed)
         comparison = evaluation["comparison"]
         with (evaluation_dir / COMPARISON_TSV).open(newline="", encoding="utf-8") as handle:
             per_finding = list(csv.DictReader(handle, delimiter="\t"))

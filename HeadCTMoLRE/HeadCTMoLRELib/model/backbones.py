@@ -574,9 +574,12 @@ def check_transformers_config(spec: BackboneSpec, values: Any, where: str = "bac
         raise ValueError(f"{where} is a {str(model_type)[:40]!r} model, but family {spec.family!r} needs "
                          f"model_type {fam.model_type!r}.")
     expected = fam.sizes[spec.size]
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+    def plain(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    for key in fam.shape_keys:  # width, depth, heads (native families: their own shape keys)
         value = values.get(key)
-        if value != expected[key] or isinstance(value, bool):
+        if plain(value) != plain(expected[key]) or isinstance(value, bool):
             raise ValueError(
                 f"Backbone weights have {key}={str(value)[:40]}, but size {spec.size!r} of "
                 f"{spec.family!r} means {key}={expected[key]}; set the size that matches the weights."
@@ -585,10 +588,11 @@ def check_transformers_config(spec: BackboneSpec, values: Any, where: str = "bac
         value = values.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        items = value if isinstance(value, (list, tuple)) and 0 < len(value) <= 16 else [value]  # per stage
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high for v in items):
             raise ValueError(f"{where}: {key}={str(value)[:40]} is outside [{low}, {high}].")
     intermediate = values.get("intermediate_size")
-    if intermediate is not None:
+    if intermediate is not None and "hidden_size" in expected:
         limit = MAX_INTERMEDIATE_RATIO * expected["hidden_size"]
         if isinstance(intermediate, bool) or not isinstance(intermediate, int) or not 1 <= intermediate <= limit:
             raise ValueError(f"{where}: intermediate_size={str(intermediate)[:40]} is outside [1, {limit}].")
