@@ -92,7 +92,7 @@ def test_demo_training_script_runs_both_stages_and_evaluates(tmp_path):
     completed = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "train_demo_model.py"), "--out", str(out), "--work", str(work),
          "--n-pretrain", "8", "--n-pretrain-val", "4", "--n-train", "40", "--stage-a-steps", "20",
-         "--stage-b-minutes", "0.3", "--evaluate", "10"],
+         "--stage-b-minutes", "0.6", "--evaluate", "10"],
         capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     trained = bundle.load_bundle(out)
