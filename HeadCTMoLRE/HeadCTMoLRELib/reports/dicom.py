@@ -196,7 +196,8 @@ def _parametric_map(prediction, sources: list, status: Mapping, series_number: i
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER,
         manufacturer_model_name="HeadCTMoLRE", software_versions=_software_version(), device_serial_number="0",
         contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
-        window_center=peak / 2, window_width=peak, content_label="ATTENTION",
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=peak / 2, window_width=peak)],
+        content_label="ATTENTION",
         content_description=_description("attention", status), series_description=_description("attention", status))
 
 
