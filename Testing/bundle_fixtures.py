@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -33,3 +34,16 @@ def make_bundle(out: Path, *, family: str = "dinov3", image_size: int = 32, use_
     classifier, catalog = make_classifier(family, image_size, use_molre, seed)
     pre = preprocess.PreprocessConfig(image_size=image_size, alignment=alignment)
     return bundle.save_bundle(classifier, out, catalog=catalog, preprocessing=pre, **save_kwargs)
+
+
+def edit_manifest(folder: Path, edit, *, reseal: bool = True) -> dict:
+    """Apply ``edit(manifest)`` to a bundle's manifest.json. With ``reseal`` the manifest digest is
+    recomputed (as a hostile publisher could do), so the edit reaches the checks behind the digest;
+    without it the edit is a plain hand edit, which the digest catches."""
+    path = Path(folder) / bundle.MANIFEST
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    edit(manifest)
+    if reseal:
+        bundle.seal_manifest(manifest)
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+    return manifest

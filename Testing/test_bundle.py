@@ -10,7 +10,7 @@ import stat
 import pytest
 import torch
 
-from bundle_fixtures import make_bundle, make_classifier
+from bundle_fixtures import edit_manifest, make_bundle, make_classifier
 from HeadCTMoLRELib.model import backbones, bundle, classifier as model
 from HeadCTMoLRELib.ct import preprocess
 
@@ -109,10 +109,8 @@ def test_unlisted_safetensors_file_is_refused(bundle_copy):
 
 
 def _edit_manifest(folder, edit):
-    path = folder / "manifest.json"
-    manifest = json.loads(path.read_text())
-    edit(manifest)
-    path.write_text(json.dumps(manifest))
+    """A re-sealed edit: reaches the checks behind the manifest digest (test_hostile_inputs covers hand edits)."""
+    edit_manifest(folder, edit, reseal=True)
 
 
 def test_unknown_format_version_is_refused(bundle_copy):
@@ -224,3 +222,51 @@ def test_update_bundle_refuses_unknown_findings_and_weight_files(bundle_copy):
         bundle.update_bundle(bundle_copy, thresholds={"not_a_finding": 0.1})
     with pytest.raises(bundle.BundleError, match="cannot write"):
         bundle.update_bundle(bundle_copy, extra_files={"weights/x.safetensors": b""})
+
+
+def test_signed_bundles_verify_and_any_change_after_signing_is_refused(bundle_copy, tmp_path, capsys):
+    from HeadCTMoLRELib import cli
+    from HeadCTMoLRELib.model import signing
+
+    assert cli.main(["keygen", "--out", str(tmp_path / "keys" / "lab.key")]) == 0
+    assert cli.main(["keygen", "--out", str(tmp_path / "keys" / "lab.key")]) == 2  # never overwritten
+    assert (tmp_path / "keys" / "lab.key").stat().st_mode & 0o077 == 0
+    assert cli.main(["keygen", "--out", str(tmp_path / "other.key")]) == 0
+    capsys.readouterr()
+    assert not bundle.load_bundle(bundle_copy).signature.signed
+    assert cli.main(["verify", str(bundle_copy), "--trusted-keys", str(tmp_path / "keys")]) == 2
+    assert "not signed" in capsys.readouterr().err
+
+    assert cli.main(["sign", str(bundle_copy), "--key", str(tmp_path / "keys" / "lab.key"), "--signer", "Lab A"]) == 0
+    status = bundle.load_bundle(bundle_copy, trusted_keys=signing.read_trusted_keys(tmp_path / "keys")).signature
+    assert status.signed and status.trusted and status.signer == "Lab A"
+    assert cli.main(["verify", str(bundle_copy), "--trusted-keys", str(tmp_path / "keys")]) == 0
+    assert "signed by key" in capsys.readouterr().out
+    assert cli.main(["verify", str(bundle_copy), "--trusted-keys", str(tmp_path / "other.key.pub")]) == 2
+    capsys.readouterr()
+
+    original = (bundle_copy / "signature.json").read_text()
+    forged = json.loads(original)
+    forged["signer"] = "Famous Hospital"
+    (bundle_copy / "signature.json").write_text(json.dumps(forged))
+    with pytest.raises(bundle.BundleError, match="does not verify"):
+        bundle.load_bundle(bundle_copy)
+    (bundle_copy / "signature.json").write_text(original)
+    edit_manifest(bundle_copy, lambda m: m["thresholds"].update(subdural_hematoma=0.2))  # re-sealed edit
+    with pytest.raises(bundle.BundleError, match="changed after it was signed"):
+        bundle.load_bundle(bundle_copy)
+    assert cli.main(["info", str(bundle_copy), "--verify"]) == 2
+
+
+def test_update_bundle_removes_a_signature_it_would_invalidate(bundle_copy, tmp_path):
+    from HeadCTMoLRELib.model import signing
+
+    key, _ = signing.generate_keypair(tmp_path / "k")
+    signing.sign_manifest_digest(bundle_copy, bundle.read_manifest(bundle_copy)["integrity"]["manifest_sha256"], key)
+    assert bundle.load_bundle(bundle_copy).signature.signed
+    bundle.update_bundle(bundle_copy, temperature=1.3)
+    loaded = bundle.load_bundle(bundle_copy)
+    assert not loaded.signature.signed and loaded.temperature == 1.3
+    with pytest.raises(bundle.BundleError, match=r"thresholds.subdural_hematoma: 1.5 is outside"):
+        bundle.update_bundle(bundle_copy, thresholds={"subdural_hematoma": 1.5})  # the schema guards writes too
+    assert bundle.load_bundle(bundle_copy).thresholds["subdural_hematoma"] == 0.5

@@ -93,7 +93,7 @@ def test_slicer_head_with_raw_ct_numbers_is_flagged_and_loads_with_an_explicit_o
 def test_jpeg2000_variants_of_one_head_slice_decode_to_the_same_hu():
     """693_UNCI (uncompressed) and 693_J2KI (JPEG 2000) hold the same pixels; 693_J2KR is a JPEG 2000
     lossless export of the same slice from another instance (values differ by scanner noise only)."""
-    hu = {name: read_slice_hu(read_header(REAL / "pydicom" / f"693_{name}.dcm"), None)
+    hu = {name: read_slice_hu(read_header(REAL / "pydicom" / f"693_{name}.dcm")[0], None)
           for name in ("UNCI", "J2KR", "J2KI")}
     plain = np.maximum(hu["UNCI"][0], -1024)  # as load_ct clamps outside-FOV values to air
     np.testing.assert_array_equal(np.maximum(hu["J2KI"][0], -1024), plain)
@@ -106,13 +106,13 @@ def test_jpeg2000_variants_of_one_head_slice_decode_to_the_same_hu():
 
 
 def test_jpeg_ls_rle_and_jpeg2000_lossless_decode_identically():
-    plain, _ = read_slice_hu(read_header(REAL / "pydicom" / "MR_small.dcm"), None)
+    plain, _ = read_slice_hu(read_header(REAL / "pydicom" / "MR_small.dcm")[0], None)
     for name in ("MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"):
-        np.testing.assert_array_equal(read_slice_hu(read_header(REAL / "pydicom" / name), None)[0], plain, name)
+        np.testing.assert_array_equal(read_slice_hu(read_header(REAL / "pydicom" / name)[0], None)[0], plain, name)
 
 
 def test_j2k_slice_whose_codestream_sign_disagrees_with_the_header_decodes_to_plausible_hu():
-    hu, _ = read_slice_hu(read_header(REAL / "pydicom" / "J2K_pixelrep_mismatch.dcm"), None)
+    hu, _ = read_slice_hu(read_header(REAL / "pydicom" / "J2K_pixelrep_mismatch.dcm")[0], None)
     assert hu.min() >= -2100 and 1000 < hu.max() < 4000
     assert np.mean((hu > -100) & (hu < 100)) > 0.1  # soft tissue present, not wrapped-around values
 
@@ -148,5 +148,10 @@ def test_dicomdir_tree_lists_every_series_and_never_treats_the_index_as_an_image
     assert all(not item["qualifies"] for item in listing if item["modality"] in ("MR", "CR"))
     assert sum(item["n_images"] for item in listing) < 60  # DICOMDIR variants are not counted as images
     assert list_dicom_series(tree / "DICOMDIR") == listing
-    report = validation_report(tree)
-    assert report["accepted"] is False and "insufficient z coverage" in report["error"]
+    report = validation_report(tree)  # CT of two patients (77654033, 98890234): listed and refused
+    assert report["accepted"] is False and "CT series of 2 different patients" in report["error"]
+    assert "Routine Brain" in report["error"] and "--series" in report["error"]
+    assert "77654033" not in report["error"]  # patients are numbered, never identified
+    chosen = validation_report(tree, series="Routine Brain")  # the user's choice is honoured
+    assert chosen["accepted"] is False and "1.3.6.1.4.1.5962.1.1.0.0.0.1196530851.28319.0.2" in chosen["error"]
+    assert "slices are missing" in chosen["error"]  # 4 slices, 200 mm apart: not a volume

@@ -67,25 +67,76 @@ def test_phantom_dataset_reads_directly_and_is_flagged_synthetic(tmp_path):
     assert not np.isnan(table.labels()).any()  # the phantom writes every catalog column
 
 
-def test_problems_name_the_row_and_bad_rows_are_skipped(tmp_path):
+def test_missing_scans_are_reported_and_skipped_but_the_rest_is_read(tmp_path):
     write_toy_case(tmp_path / "a.nii.gz", True, 0)
     write_toy_case(tmp_path / "sub" / "b.nii.gz", False, 1)
     (tmp_path / "cases.csv").write_text(
-        "path,split,epidural_hematoma,notes\n"
-        "a.nii.gz,train,1,x\n"
-        "sub/b.nii.gz,validation,,y\n"
-        "missing.nii.gz,train,0,z\n"
-        "a.nii.gz,train,maybe,w\n"
-        "a.nii.gz,holdout,1,v\n")
+        "path,split,patient,series,epidural_hematoma\n"
+        "a.nii.gz,train,P1,,1\n"
+        "sub/b.nii.gz,validation,P2,1.2.3,\n"
+        "missing.nii.gz,train,P3,,0\n"
+        ",train,P4,,0\n")
     table = data.read_cases(tmp_path / "cases.csv", small_catalog())
     assert [c.row for c in table.cases] == [2, 3]
     assert table.cases[1].path == (tmp_path / "sub" / "b.nii.gz").resolve()  # relative to the CSV's folder
     assert [c.split for c in table.cases] == ["train", "val"]
+    assert [c.patient for c in table.cases] == ["P1", "P2"] and table.cases[1].series == "1.2.3"
+    assert table.has_patient
     assert table.cases[0].labels[0] == 1 and np.isnan(table.cases[1].labels[0])  # blank = unknown
     assert np.isnan(table.labels()[:, 1]).all()  # hydrocephalus has no column: unknown everywhere
     text = "\n".join(table.problems)
-    for expected in ("'notes'", "row 4", "does not exist", "row 5", "'maybe'", "row 6", "holdout", "hydrocephalus"):
+    for expected in ("row 4", "does not exist", "row 5", "empty path", "hydrocephalus"):
         assert expected in text
+
+
+def test_every_csv_mistake_is_reported_at_once_before_any_work(tmp_path):
+    write_toy_case(tmp_path / "a.nii.gz", True, 0)
+    (tmp_path / "cases.csv").write_text(
+        "path,split,epidural_hematom,notes,hydrocephalus\n"
+        "a.nii.gz,train,1,x,0\n"
+        "a.nii.gz,train,1,x,maybe\n"
+        "a.nii.gz,holdout,1,v,0\n")
+    with pytest.raises(data.CaseTableError) as error:
+        data.read_cases(tmp_path / "cases.csv", small_catalog())
+    text = str(error.value)
+    for expected in ("cases.csv", "4 mistake(s)", "'epidural_hematom': did you mean 'epidural_hematoma'?", "'notes'",
+                     "row 3", "'maybe'", "row 4", "holdout"):
+        assert expected in text, expected
+
+
+def test_yes_no_true_false_are_documented_labels(tmp_path):
+    write_toy_case(tmp_path / "a.nii.gz", True, 0)
+    (tmp_path / "cases.csv").write_text("path,epidural_hematoma,hydrocephalus\na.nii.gz,Yes,false\n")
+    table = data.read_cases(tmp_path / "cases.csv", small_catalog())
+    assert list(table.cases[0].labels) == [1.0, 0.0]
+    assert "yes" in data.__doc__ and "true" in data.__doc__
+
+
+def test_a_patient_in_two_splits_is_refused(tmp_path):
+    write_toy_case(tmp_path / "a.nii.gz", True, 0)
+    write_toy_case(tmp_path / "b.nii.gz", False, 1)
+    (tmp_path / "cases.csv").write_text("path,split,patient,epidural_hematoma\na.nii.gz,train,P1,1\n"
+                                        "b.nii.gz,test,P1,0\n")
+    with pytest.raises(data.CaseTableError, match="patient 'P1' is in splits train \\(row 2\\) and test \\(row 3\\)"):
+        data.read_cases(tmp_path / "cases.csv", small_catalog())
+
+
+def test_assign_splits_keeps_a_patients_scans_together(tmp_path):
+    rows = ["path,split,patient,epidural_hematoma"]
+    for i in range(12):
+        write_toy_case(tmp_path / f"c{i}.nii.gz", i % 3 == 0, i)
+        split = "val" if i == 1 else ""  # patient P0 has one scan marked val: its other scans follow
+        rows.append(f"c{i}.nii.gz,{split},P{i // 3},{int(i % 3 == 0)}")
+    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
+    table = data.read_cases(tmp_path / "cases.csv", small_catalog())
+    for seed in range(5):
+        assigned = data.assign_splits(table, 0.3, seed=seed)
+        by_patient = {}
+        for case in assigned.cases:
+            by_patient.setdefault(case.patient, set()).add(case.split)
+        assert all(len(splits) == 1 for splits in by_patient.values()), by_patient
+        assert by_patient["P0"] == {"val"}
+        assert {"train", "val"} <= set().union(*by_patient.values())
 
 
 def test_unusable_csvs_raise_with_the_file_name(tmp_path):

@@ -92,10 +92,14 @@ def _rows(catalog: FindingCatalog) -> list[Finding]:
     return list(catalog.findings)
 
 
-def test_version_ignores_descriptions_names_and_codes():
+def test_version_covers_names_descriptions_and_codes_too():
+    """A relabelled finding (its name shown to the reader) must not pass as the same catalog."""
     rows = _rows(default_catalog())
-    reworded = [Finding(f.id, f.name + " (x)", f.category, "Reworded.", "123") for f in rows]
-    assert FindingCatalog(reworded).version == default_catalog().version
+    base = default_catalog().version
+    assert FindingCatalog(list(rows)).version == base
+    for field in ("name", "description", "code"):
+        edited = [Finding(**{**rows[0].__dict__, field: getattr(rows[0], field) + " (x)"})] + rows[1:]
+        assert FindingCatalog(edited).version != base, field
 
 
 def test_version_changes_when_ids_are_reordered_renamed_or_recategorised():

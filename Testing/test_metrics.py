@@ -233,3 +233,48 @@ def test_paired_bootstrap_difference_interval_excludes_zero_for_a_clearly_better
     assert comparison["n_improved"] == 2
     assert comparison["mean_gain_ci"][0] > 0
     assert np.all(comparison["difference_ci_low"] > 0)
+
+
+# ------------------------------------------------------------- patients, extremes, operating points, ECE
+def test_bootstrap_by_patient_draws_all_scans_of_a_patient_together():
+    groups = np.array(["a", "a", "b", "c", "c", "c"])
+    counts = metrics.bootstrap_counts(6, 200, seed=1, groups=groups)
+    assert counts.shape == (200, 6)
+    assert np.all(counts[:, 0] == counts[:, 1]) and np.all(counts[:, 3] == counts[:, 5])
+    assert np.all(counts[:, [0, 2, 3]].sum(axis=1) == 3)  # as many patients drawn as there are
+    assert np.array_equal(counts, metrics.bootstrap_counts(6, 200, seed=1, groups=groups))
+
+
+def test_auc_at_an_extreme_gets_an_exact_interval_instead_of_a_point():
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    labels = np.array([0, 0, 0, 1, 1], float)
+    result = metrics.auc_with_ci(scores, labels, n_boot=200, seed=0)
+    assert result.auc[0] == 1.0 and result.ci_method == ["exact_extreme"]
+    assert result.ci_low[0] == pytest.approx(0.025 ** (1 / 2)) and result.ci_high[0] == 1.0
+    assert 0 < result.n_degenerate[0] < 200  # resamples without a positive are counted, not hidden
+    inverted = metrics.auc_with_ci(-scores, labels, n_boot=50, seed=0)
+    assert inverted.ci_low[0] == 0.0 and inverted.ci_high[0] == pytest.approx(1 - 0.025 ** (1 / 2))
+
+
+def test_operating_points_count_sensitivity_specificity_and_ppv():
+    probabilities = np.array([[0.9], [0.6], [0.4], [0.7], [0.1], [0.2]])
+    labels = np.array([[1], [1], [1], [0], [0], [np.nan]])
+    points = metrics.operating_points(probabilities, labels, [0.5], n_boot=100, seed=0)
+    assert points.sensitivity[0] == pytest.approx(2 / 3) and points.specificity[0] == pytest.approx(1 / 2)
+    assert points.ppv[0] == pytest.approx(2 / 3) and points.n_called[0] == 3
+    assert points.n_pos[0] == 3 and points.n_neg[0] == 2
+    low, high = points.intervals["sensitivity"]
+    assert low[0] <= points.sensitivity[0] <= high[0]
+
+
+def test_ece_over_findings_with_positives_leaves_out_never_positive_findings():
+    rng = np.random.default_rng(0)
+    probabilities = rng.uniform(0.3, 0.7, size=(200, 3))
+    labels = (rng.random((200, 3)) < probabilities).astype(float)
+    labels[:, 2] = 0.0
+    probabilities[:, 2] = 0.001  # a never-positive finding, predicted near 0: it dilutes the pooled ECE
+    summary = metrics.calibration_summary(probabilities, labels, ["a", "a", "b"])
+    assert summary["n_findings"] == 2 and summary["n_findings_all"] == 3
+    assert summary["ece"] == pytest.approx(metrics.expected_calibration_error(probabilities[:, :2], labels[:, :2]))
+    assert summary["ece_all_findings"] < summary["ece"]
+    assert summary["per_category"]["b"] == {"ece": None, "n_findings": 0, "n_pos": 0}

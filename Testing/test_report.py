@@ -114,7 +114,7 @@ def test_terminal_summary_states_mean_auc_strata_and_comparison():
     text = report.format_summary(evaluation)
     assert "Mean AUC: 0.850 +- 0.050 over 2 findings" in text
     assert "1 could not be read" in text and "AUC >= 0.90: 1" in text
-    assert "ECE 0.200 -> 0.050" in text and "mean AUC gain +0.020" in text
+    assert "bundle as given 0.200 -> 0.050" in text and "mean AUC gain +0.020" in text
 
 
 # ------------------------------------------------------------------------------------------ model card
@@ -157,7 +157,7 @@ def test_model_card_has_every_required_section_and_the_facts(catalog):
     assert "synthetic" in card.lower() and "Not for clinical use" in card
     assert "dinov3 (small)" in card and "K=6 experts" in card and "total 1,000" in card
     assert "train_cases: 120" in card and "optimizer.name: AdamW" in card
-    assert "Mean AUC: 0.912" in card and "AUC >= 0.90: 1" in card and "0.110 before and 0.030 after" in card
+    assert "Mean AUC: 0.912" in card and "AUC >= 0.90: 1" in card and "0.110 as the bundle was given (held-out), 0.030" in card
     assert "| Epidural hematoma | 0.950 |" in card
     assert "73 of the catalog's findings were not evaluated" in card
     assert "arXiv:2603.00675" in card and "Apache-2.0" in card

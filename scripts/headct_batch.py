@@ -12,6 +12,12 @@ every case succeeded, 1 when any failed, 2 for bad arguments.
 """
 
 import sys
+
+if sys.version_info < (3, 10):  # Slicer 5.8 ships Python 3.9; the library needs 3.10+
+    sys.stderr.write("headct_batch.py needs Python 3.10 or newer (Slicer 5.10+); this is Python "
+                     f"{sys.version.split()[0]}. Update Slicer or run it with a newer Python.\n")
+    sys.exit(2)
+
 from pathlib import Path
 
 _LIBRARY_PARENT = Path(__file__).resolve().parent.parent / "HeadCTMoLRE"

@@ -13,7 +13,15 @@ Sub-packages, lowest layer first: ``ct``; ``model``; ``inference`` + ``outputs``
 ``evaluation``; ``phantoms`` (test and demo data); ``slicer`` and ``cli`` on top. Imports point down.
 """
 
+import os
+
 from .exports import lazy_exports
+
+# No network at run time, ever: Hugging Face libraries read these once, when they are imported, and this
+# package is imported before any of our modules imports transformers (every from_pretrained also passes
+# local_files_only=True, and a backbone source that is not a local folder is refused).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 __version__ = "0.1.0"
 __all__ = ["load_bundle", "load_ct", "predict"]

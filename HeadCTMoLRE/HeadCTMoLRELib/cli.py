@@ -158,10 +158,61 @@ def _cmd_info(args) -> int:
     banner = terminal.format_status_banner(status)
     if banner:
         print(banner)
-    print(bundle.describe(manifest))
-    if args.verify:
-        bundle.load_bundle(args.bundle, verify=True)
-        print("All file hashes verified.")
+    if not args.verify:
+        print(bundle.describe(manifest))
+        return EXIT_OK
+    loaded = _verify_bundle(args.bundle, args.backbone_path, None)
+    print(bundle.describe(loaded.manifest, loaded.signature))
+    print(_verified_text(loaded))
+    return EXIT_OK
+
+
+def _verify_bundle(path, backbone_path, trusted_keys):
+    """Everything a load checks, plus the external backbone folder's hashes."""
+    from .model import bundle
+
+    loaded = bundle.load_bundle(path, verify=True, trusted_keys=trusted_keys)
+    loaded.backbone_folder = bundle.resolve_backbone_folder(loaded, backbone_path)
+    return loaded
+
+
+def _verified_text(loaded) -> str:
+    backbone = (f"; external backbone {loaded.backbone_folder} matches its hashes" if loaded.backbone_folder
+                else "; backbone bundled")
+    return (f"Manifest digest verified. All file hashes verified{backbone}. "
+            f"Signature: {loaded.signature.describe()}.")
+
+
+def _cmd_verify(args) -> int:
+    from .model import signing
+
+    trusted = signing.read_trusted_keys(args.trusted_keys) if args.trusted_keys else None
+    loaded = _verify_bundle(args.bundle, args.backbone_path, trusted)
+    print(_verified_text(loaded))
+    if trusted is not None and not loaded.signature.trusted:
+        print(f"error: {args.bundle} is {'signed by an untrusted key' if loaded.signature.signed else 'not signed'}; "
+              f"it cannot be told apart from a modified copy", file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def _cmd_sign(args) -> int:
+    from .model import bundle, signing
+
+    loaded = _verify_bundle(args.bundle, args.backbone_path, None)
+    path = signing.sign_manifest_digest(loaded.path, loaded.manifest["integrity"]["manifest_sha256"], args.key,
+                                        signer=args.signer)
+    status = bundle.load_bundle(loaded.path).signature
+    print(f"wrote {path}: {status.describe()}")
+    return EXIT_OK
+
+
+def _cmd_keygen(args) -> int:
+    from .model import signing
+
+    private, public = signing.generate_keypair(args.out)
+    print(f"wrote private key {private} (keep it secret) and public key {public} (give it to users: "
+          f"`headct-molre verify BUNDLE --trusted-keys {public.name}`)")
     return EXIT_OK
 
 
@@ -181,13 +232,14 @@ def _cmd_new_model(args) -> int:
         return EXIT_REFUSED
     catalog = findings.load_catalog(args.catalog) if args.catalog else findings.default_catalog()
     torch.manual_seed(args.seed)
+    image_size = args.image_size or backbones.default_image_size(args.backbone)
     spec = backbones.BackboneSpec(
-        family=args.backbone, size=args.size, image_size=args.image_size,
+        family=args.backbone, size=args.size, image_size=image_size,
         source=str(Path(args.backbone_path).resolve()) if args.backbone_path else None,
     )
     config = model.ModelConfig(backbone=spec, num_findings=len(catalog), use_molre=not args.no_molre)
     classifier = model.build_classifier(config, backbone_weights_dir=args.backbone_path)
-    pre = preprocess.PreprocessConfig(image_size=args.image_size, alignment=args.alignment)
+    pre = preprocess.PreprocessConfig(image_size=image_size, alignment=args.alignment)
     path = bundle.save_bundle(
         classifier, args.out, catalog=catalog, preprocessing=pre,
         name=args.name or Path(args.out).name,
@@ -204,6 +256,19 @@ def _cmd_new_model(args) -> int:
     print(terminal.format_status_banner(bundle_status(manifest).to_json()))
     print(bundle.describe(manifest))
     print(f"\nwrote {path}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ convert-weights
+def _cmd_convert_weights(args) -> int:
+    from .model import convert
+
+    out = convert.convert_weights(args.family, args.source, args.out, size=args.size)
+    provenance = json.loads((out / "conversion.json").read_text(encoding="utf-8"))
+    print(f"kept {provenance['tensors_kept']} tensors ({provenance['parameters_kept']:,} parameters), dropped "
+          f"{provenance['tensors_dropped']} (text tower and the like)")
+    print(f"wrote {out} (config.json + model.safetensors); use it as --backbone-path for "
+          f"`headct-molre new-model --backbone {args.family} --size {provenance['size']}`")
     return EXIT_OK
 
 
@@ -283,6 +348,19 @@ def _cmd_evaluate(args) -> int:
     return evaluate.run_from_args(args)
 
 
+def _cmd_compare(args) -> int:
+    from .evaluation import compare
+
+    return compare.run_from_args(args)
+
+
+# ---------------------------------------------------------------------------------------- import-dataset
+def _cmd_import_dataset(args) -> int:
+    from .datasets import importer
+
+    return importer.run_from_args(args)
+
+
 # -------------------------------------------------------------------------------------------- benchmark
 def _cmd_benchmark(args) -> int:
     from . import benchmark
@@ -340,15 +418,35 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = add("info", _cmd_info, "Describe a model bundle in human terms.")
     p.add_argument("bundle", help="model bundle folder")
-    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    p.add_argument("--verify", action="store_true",
+                   help="also check every file's sha256, the external backbone and the signature")
+    p.add_argument("--backbone-path", help="where the bundle's external backbone folder is on this machine")
     p.add_argument("--json", action="store_true", help="print the manifest (and its model_status) as JSON")
 
+    p = add("verify", _cmd_verify, "Verify a model bundle: manifest digest, file hashes, backbone, signature.")
+    p.add_argument("bundle", help="model bundle folder")
+    p.add_argument("--trusted-keys", help="public keys (a file of 'ed25519:...' lines or a folder of *.pub): "
+                                          "exit 2 unless the bundle is signed by one of them")
+    p.add_argument("--backbone-path", help="where the bundle's external backbone folder is on this machine")
+
+    p = add("sign", _cmd_sign, "Sign a verified model bundle as its publisher (writes BUNDLE/signature.json).")
+    p.add_argument("bundle", help="model bundle folder")
+    p.add_argument("--key", required=True, help="private key from `headct-molre keygen`")
+    p.add_argument("--signer", help="your name or organisation, shown by info and verify")
+    p.add_argument("--backbone-path", help="where the bundle's external backbone folder is on this machine")
+
+    p = add("keygen", _cmd_keygen, "Make an ed25519 key pair for signing bundles (KEY and KEY.pub).")
+    p.add_argument("--out", required=True, help="private key file to create (the public key goes to OUT.pub)")
+
     p = add("new-model", _cmd_new_model, "Create an untrained model bundle (LoRA + MoLRE adapters at init).")
-    p.add_argument("--backbone", required=True, help="backbone family: dinov3, dinov2, siglip, videomae3d")
-    p.add_argument("--size", required=True, help="tiny, small, base, large (so400m for siglip)")
+    p.add_argument("--backbone", required=True,
+                   help="backbone family: dinov3, dinov2, siglip, videomae3d, medimageinsight")
+    p.add_argument("--size", required=True, help="tiny, small, base, large (so400m for siglip; base for medimageinsight)")
     p.add_argument("--backbone-path", help="local Hugging Face folder with the pretrained backbone (no download)")
     p.add_argument("--out", required=True, help="bundle folder to create")
-    p.add_argument("--image-size", type=int, default=224, help="slice size in pixels fed to the backbone")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="slice size in pixels fed to the backbone (default: the family's own, 480 for "
+                   "medimageinsight, else 224)")
     p.add_argument("--alignment", default="template", choices=("template", "center", "none"),
                    help="head-frame alignment used in preprocessing")
     p.add_argument("--no-molre", action="store_true", help="the paper's LoRA-only baseline")
@@ -360,6 +458,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--random-backbone", action="store_true",
                    help="allow a randomly initialised backbone without --backbone-path (tests, benchmarks); "
                         "such a model is labelled RANDOM BACKBONE and `train` refuses it unless --train-backbone")
+
+    p = add("convert-weights", _cmd_convert_weights,
+            "Convert a released checkpoint (e.g. MedImageInsight's .pt) into a safetensors backbone folder.")
+    p.add_argument("source", help="the released checkpoint (.pt read with torch.load(weights_only=True), or .safetensors)")
+    p.add_argument("--family", required=True, help="medimageinsight")
+    p.add_argument("--size", help="the family's size the checkpoint has (default: base)")
+    p.add_argument("--out", required=True, help="folder to create (config.json + model.safetensors + conversion.json)")
 
     p = add("infer", _cmd_infer, "Run a model bundle on a head CT and print the findings.")
     p.add_argument("input", help="image file or DICOM folder")
@@ -397,6 +502,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from .batch import add_arguments as add_batch_arguments
 
     add_batch_arguments(p)
+
+    p = add("compare", _cmd_compare,
+            "The paper's Table 2: train LoRA-only and LoRA + MoLRE per backbone, compare them (MD + PNG + JSON).")
+    if wanted("compare"):
+        from .evaluation.compare import add_arguments as add_compare_arguments
+
+        add_compare_arguments(p)
+
+    p = add("import-dataset", _cmd_import_dataset,
+            "Turn a downloaded public head CT dataset (RSNA ICH, CQ500, CT-ICH) into a cases CSV.")
+    from .datasets.importer import add_arguments as add_import_arguments
+
+    add_import_arguments(p)
 
     p = add("benchmark", _cmd_benchmark, "Time each stage, count FLOPs and memory for tiny/small/base models.")
     if wanted("benchmark"):

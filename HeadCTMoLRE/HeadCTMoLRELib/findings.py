@@ -2,9 +2,10 @@
 
 The catalog is a CSV (default ``Resources/findings.csv``: the 75 findings of the MoLRE paper's Table 1)
 with the columns ``id, name, category, description, code``. Its row order is the order of a model's
-output vector, so a model bundle records :attr:`FindingCatalog.version` (a hash of the ordered ids and
-categories only: rewording a description or name does not invalidate a model) and can embed the
-catalog itself with :meth:`FindingCatalog.to_dict`.
+output vector, so a model bundle records :attr:`FindingCatalog.version` (a hash of every field of every
+row, in order: relabelling, renaming, rewording or reordering a finding gives another version) and embeds
+the catalog itself with :meth:`FindingCatalog.to_dict`; :meth:`FindingCatalog.from_dict` requires the
+stored version and checks it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -62,7 +64,9 @@ class Finding:
 
 
 def _catalog_version(findings: tuple[Finding, ...]) -> str:
-    canonical = "\n".join(f"{f.id}\t{f.category}" for f in findings)
+    """sha256 of the ordered rows, every column of each (JSON lists: no separator can be forged)."""
+    canonical = json.dumps([[getattr(f, column) for column in COLUMNS] for f in findings], ensure_ascii=False,
+                           separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -70,7 +74,7 @@ class FindingCatalog:
     """An immutable, ordered list of :class:`Finding`.
 
     ``catalog.ids[i]`` names output ``i`` of a model trained on this catalog. ``version`` is the
-    sha256 hex digest of the ordered ``(id, category)`` rows.
+    sha256 hex digest of the ordered rows (id, name, category, description, code).
     """
 
     __slots__ = ("_findings", "_index", "_source", "_version")
@@ -140,7 +144,7 @@ class FindingCatalog:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> FindingCatalog:
-        """Inverse of :meth:`to_dict`; checks the stored version against the rows when present."""
+        """Inverse of :meth:`to_dict`; the stored version is required and must match the rows."""
         where = "<embedded catalog>"
         if not isinstance(data, Mapping) or not isinstance(data.get("findings"), list):
             raise CatalogError(f"{where}: expected a mapping with a 'findings' list, got {type(data).__name__}.")
@@ -151,10 +155,15 @@ class FindingCatalog:
             missing = [c for c in ("id", "name", "category") if c not in row]
             if missing:
                 raise CatalogError(f"{where}, finding {number}: missing key(s) {', '.join(missing)}.")
-            rows.append(Finding(**{c: str(row.get(c) or "").strip() for c in COLUMNS}))
+            not_text = [c for c in COLUMNS if row.get(c) is not None and not isinstance(row.get(c), str)]
+            if not_text:
+                raise CatalogError(f"{where}, finding {number}: {', '.join(not_text)} must be text.")
+            rows.append(Finding(**{c: (row.get(c) or "").strip() for c in COLUMNS}))
         catalog = cls(rows)
         stored = data.get("version")
-        if stored is not None and stored != catalog.version:
+        if not isinstance(stored, str) or not stored:
+            raise CatalogError(f"{where}: no version hash is stored, so edits to the catalog cannot be detected.")
+        if stored != catalog.version:
             raise CatalogError(
                 f"{where}: stored version {stored} does not match its rows ({catalog.version}); "
                 "the embedded catalog was edited or corrupted."

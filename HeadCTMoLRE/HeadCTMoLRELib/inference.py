@@ -3,7 +3,8 @@
     predict(source, bundle, device="auto") -> Prediction
 
 Steps: ctio.load_ct (HU, true geometry) -> preprocess (S x 3 x H x W slice stack in the head frame) ->
-classifier forward on the chosen device and precision -> per-finding probabilities, attention per
+classifier forward on the chosen device and precision -> per-finding probabilities (the bundle's
+calibration: sigmoid((logit - prior offset) / temperature), see calibration.py), attention per
 slice, router weights per slice, per-slice contributions to each logit, all tied to the slice
 positions in the input's patient space so that presenters can draw them on the original image.
 
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from . import calibration
 from .model.bundle import Bundle, build_model, load_bundle
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
@@ -243,11 +245,11 @@ class Prediction:
     # -- tables -------------------------------------------------------------------------------------
     def findings(self) -> list[dict]:
         """One dict per finding in catalog order: id, name, category, probability, threshold, positive,
-        top_slice (index of the slice that contributed most) and its position in patient LPS mm."""
+        top_slice (index of the slice inside the scan that contributed most, see :meth:`top_slice`) and its
+        position in patient LPS mm."""
         rows = []
-        per_slice = self.contributions.shape[0]
         for index, finding in enumerate(self.catalog.findings):
-            top = int(np.argmax(self.contributions[:, index])) if per_slice > 1 else 0
+            top = self.top_slice(index)
             rows.append(
                 {
                     "id": finding.id,
@@ -261,6 +263,18 @@ class Prediction:
                 }
             )
         return rows
+
+    def top_slice(self, finding_index: int) -> int:
+        """Index of the slice that contributed most to finding ``finding_index``'s logit, among the
+        slices inside the scan (``slice_valid``): padded slices outside it carry no image and are never
+        the answer (the Slicer jump and the TSV use this). 0 for a 3-D backbone's single contribution."""
+        values = np.asarray(self.contributions[:, finding_index], dtype=np.float64)
+        if len(values) <= 1:
+            return 0
+        valid = np.asarray(self.slice_valid, dtype=bool)
+        if len(valid) == len(values) and valid.any():
+            values = np.where(valid, values, -np.inf)
+        return int(np.argmax(values))
 
     # -- maps in the input's own geometry -------------------------------------------------------------
     def attention_image(self):
@@ -417,7 +431,8 @@ def predict(
     timings["forward"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
-    logits = result["logits"].astype(np.float64) / max(the_bundle.temperature, 1e-6)
+    offsets = calibration.logit_offsets(the_bundle.manifest, the_bundle.catalog.ids)  # focal prior correction
+    logits = calibration.calibrated_logits(result["logits"], offsets, the_bundle.temperature)
     probabilities = 1.0 / (1.0 + np.exp(-logits))
     router = result["router_weights"]
     slice_valid = np.asarray(stack.slice_valid, dtype=bool)

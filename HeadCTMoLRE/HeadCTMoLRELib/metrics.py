@@ -97,16 +97,29 @@ def roc_auc(scores, labels) -> np.ndarray:
     return aucs
 
 
-def bootstrap_counts(n_cases: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+def bootstrap_counts(n_cases: int, n_boot: int = 1000, seed: int = 0, groups=None) -> np.ndarray:
     """How often each case is drawn in each bootstrap resample: int array (n_boot, n_cases).
 
-    Each resample draws ``n_cases`` cases with replacement. The same ``(n_cases, n_boot, seed)`` always
-    gives the same counts, which pairs the resamples of two models evaluated on the same cases.
+    Without ``groups`` each resample draws ``n_cases`` cases with replacement. With ``groups`` ((N,)
+    labels, e.g. patient ids) the resample draws as many *groups* as there are, with replacement, and
+    every case counts as often as its group was drawn: two scans of one patient stay together, as they
+    are not independent. The same ``(n_cases, n_boot, seed, groups)`` always gives the same counts,
+    which pairs the resamples of two models evaluated on the same cases.
     """
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_cases, size=(n_boot, n_cases))
-    flat = draws + (np.arange(n_boot) * n_cases)[:, None]
-    return np.bincount(flat.ravel(), minlength=n_boot * n_cases).reshape(n_boot, n_cases)
+    if groups is None:
+        draws = rng.integers(0, n_cases, size=(n_boot, n_cases))
+        flat = draws + (np.arange(n_boot) * n_cases)[:, None]
+        return np.bincount(flat.ravel(), minlength=n_boot * n_cases).reshape(n_boot, n_cases)
+    groups = np.asarray(groups, dtype=object)
+    if groups.shape != (n_cases,):
+        raise ValueError(f"groups must have one label per case ({n_cases}), got shape {groups.shape}")
+    _, group_of_case = np.unique(groups.astype(str), return_inverse=True)
+    n_groups = int(group_of_case.max()) + 1 if n_cases else 0
+    draws = rng.integers(0, max(n_groups, 1), size=(n_boot, n_groups))
+    flat = draws + (np.arange(n_boot) * n_groups)[:, None]
+    group_counts = np.bincount(flat.ravel(), minlength=n_boot * n_groups).reshape(n_boot, n_groups)
+    return group_counts[:, group_of_case]
 
 
 def bootstrap_auc_samples(scores, labels, counts: np.ndarray) -> np.ndarray:
@@ -139,9 +152,27 @@ def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.nd
     return low, high
 
 
+def exact_extreme_interval(value: float, n_effective: int, level: float = 0.95) -> tuple[float, float]:
+    """Interval of a proportion-like score observed at an extreme (0 or 1) on ``n_effective`` units.
+
+    A percentile bootstrap of an AUC of exactly 1 gives [1, 1] whatever the sample size: every resample
+    of perfectly separated cases is perfectly separated. The Clopper-Pearson bound for n successes out
+    of n, ((1 - level) / 2) ** (1 / n), with n = min(positives, negatives) (the number of independent
+    positive-negative comparisons), is used instead; mirrored for 0.
+    """
+    n_effective = max(int(n_effective), 1)
+    bound = ((1.0 - level) / 2.0) ** (1.0 / n_effective)
+    return (bound, 1.0) if value >= 0.5 else (0.0, 1.0 - bound)
+
+
 @dataclass
 class AUCResult:
-    """Per-finding AUC with a bootstrap interval; arrays of shape (C,) in catalog order."""
+    """Per-finding AUC with a bootstrap interval; arrays of shape (C,) in catalog order.
+
+    ``n_degenerate``: resamples in which the finding had a single class (no AUC; left out of its
+    interval); ``ci_method``: "percentile" or "exact_extreme" (see :func:`auc_with_ci`) per finding;
+    ``resampled``: "cases" or "patients".
+    """
 
     auc: np.ndarray
     ci_low: np.ndarray
@@ -151,6 +182,9 @@ class AUCResult:
     n_boot: int
     level: float
     samples: np.ndarray  # (n_boot, C) resampled AUCs, kept for paired comparisons
+    n_degenerate: np.ndarray | None = None
+    ci_method: list | None = None
+    resampled: str = "cases"
 
     @property
     def evaluable(self) -> np.ndarray:
@@ -158,24 +192,44 @@ class AUCResult:
         return ~np.isnan(self.auc)
 
 
-def auc_with_ci(scores, labels, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> AUCResult:
-    """Per-finding AUC, counts of known positives/negatives, and a percentile bootstrap interval.
+#: How intervals are made, stated in every report that shows them.
+CI_RULE = ("percentile bootstrap (resampling patients when a patient column is given, else cases); resamples "
+           "in which a finding has one class only are left out and counted (n_degenerate); when the AUC is 0 "
+           "or 1, or the percentile interval has zero width at an extreme, the Clopper-Pearson bound with "
+           "n = min(positives, negatives) replaces it (ci_method exact_extreme)")
 
-    Cases are resampled with replacement ``n_boot`` times (seeded); resamples in which a finding has a
-    single class are dropped for that finding. ``n_boot=0`` skips the interval (NaN bounds).
+
+def auc_with_ci(scores, labels, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                groups=None) -> AUCResult:
+    """Per-finding AUC, counts of known positives/negatives, and a bootstrap interval.
+
+    Cases (or, with ``groups``, the groups: patients) are resampled with replacement ``n_boot`` times
+    (seeded); resamples in which a finding has a single class are dropped for that finding and
+    counted in ``n_degenerate``. An AUC at exactly 0 or 1 (whose percentile interval would collapse
+    to a point) gets :func:`exact_extreme_interval` instead. ``n_boot=0`` skips the interval (NaN).
     """
     scores, labels = _check_pair(scores, labels)
     auc = roc_auc(scores, labels)
     n_pos = np.nansum(labels == 1, axis=0).astype(int)
     n_neg = np.nansum(labels == 0, axis=0).astype(int)
+    methods = ["none" if np.isnan(a) else "percentile" for a in auc]
+    degenerate = np.zeros(scores.shape[1], dtype=int)
     if n_boot > 0 and scores.shape[0] > 0:
-        samples = bootstrap_auc_samples(scores, labels, bootstrap_counts(scores.shape[0], n_boot, seed))
+        counts = bootstrap_counts(scores.shape[0], n_boot, seed, groups)
+        samples = bootstrap_auc_samples(scores, labels, counts)
         low, high = percentile_interval(samples, level)
+        degenerate = np.where(np.isnan(auc), 0, np.isnan(samples).sum(axis=0))
+        for c in np.flatnonzero(~np.isnan(auc)):
+            at_extreme = auc[c] in (0.0, 1.0) or (np.isfinite(low[c]) and low[c] == high[c] and low[c] in (0.0, 1.0))
+            if at_extreme:
+                low[c], high[c] = exact_extreme_interval(auc[c], min(n_pos[c], n_neg[c]), level)
+                methods[c] = "exact_extreme"
     else:
         samples = np.full((0, scores.shape[1]), np.nan)
         low = high = np.full(scores.shape[1], np.nan)
     return AUCResult(auc=auc, ci_low=low, ci_high=high, n_pos=n_pos, n_neg=n_neg, n_boot=n_boot, level=level,
-                     samples=samples)
+                     samples=samples, n_degenerate=degenerate, ci_method=methods,
+                     resampled="cases" if groups is None else "patients")
 
 
 # --------------------------------------------------------------------------------------------- summaries
@@ -250,13 +304,18 @@ def reliability_bins(probabilities, labels, n_bins: int = 10) -> ReliabilityBins
     return ReliabilityBins(edges, count, mean_predicted, fraction_positive)
 
 
-def expected_calibration_error(probabilities, labels, n_bins: int = 10) -> float:
-    """ECE over all known (case, finding) pairs, pooled across findings.
+def expected_calibration_error(probabilities, labels, n_bins: int = 10, *, findings=None) -> float:
+    """ECE over all known (case, finding) pairs, pooled across findings (or the ``findings`` mask (C,)).
 
     ECE = sum_b (n_b / n) * |mean predicted probability in b - fraction positive in b|, with ``n_bins``
     equal-width bins on [0, 1] (see :func:`reliability_bins`). 0 is perfect calibration; NaN without
-    known labels.
+    known labels. Findings never positive in the data dilute the pooled ECE (their probabilities sit
+    near 0 against 0 positives): :func:`calibration_summary` reports it over findings with positives.
     """
+    if findings is not None:
+        probabilities, labels = _check_pair(probabilities, labels)
+        mask = np.asarray(findings, dtype=bool)
+        probabilities, labels = probabilities[:, mask], labels[:, mask]
     bins = reliability_bins(probabilities, labels, n_bins)
     total = bins.count.sum()
     if total == 0:
@@ -264,6 +323,35 @@ def expected_calibration_error(probabilities, labels, n_bins: int = 10) -> float
     filled = bins.count > 0
     gaps = np.abs(bins.mean_predicted[filled] - bins.fraction_positive[filled])
     return float(np.sum(bins.count[filled] / total * gaps))
+
+
+def findings_with_positives(labels) -> np.ndarray:
+    """(C,) bool: findings with at least one known positive label."""
+    labels = _as_2d("labels", labels)
+    return np.nansum(labels == 1, axis=0) > 0
+
+
+def calibration_summary(probabilities, labels, categories, n_bins: int = 10) -> dict:
+    """ECE over findings with positives (the honest headline), over all findings (pooled, for
+    comparison), and per category over its findings with positives, each with how many findings and
+    positive labels it covers. ``categories``: (C,) category name per finding. JSON-able (None for NaN).
+    """
+    probabilities, labels = _check_pair(probabilities, labels)
+    with_positives = findings_with_positives(labels)
+    n_pos = np.nansum(labels == 1, axis=0).astype(int)
+
+    def ece(mask):
+        value = expected_calibration_error(probabilities, labels, n_bins, findings=mask) if mask.any() else math.nan
+        return None if math.isnan(value) else float(value)
+
+    per_category = {}
+    categories = list(categories)
+    for category in dict.fromkeys(categories):
+        mask = np.array([c == category for c in categories]) & with_positives
+        per_category[category] = {"ece": ece(mask), "n_findings": int(mask.sum()), "n_pos": int(n_pos[mask].sum())}
+    return {"ece": ece(with_positives), "n_findings": int(with_positives.sum()), "n_pos": int(n_pos.sum()),
+            "ece_all_findings": ece(np.ones(labels.shape[1], bool)), "n_findings_all": int(labels.shape[1]),
+            "per_category": per_category, "n_bins": n_bins}
 
 
 def binary_nll(logits, labels) -> float:
@@ -359,6 +447,68 @@ def thresholds_at_sensitivity(probabilities, labels, target_sensitivity: float =
         if np.any(y == 0):
             specificity[c] = float(np.mean(~called[y == 0]))
     return Thresholds(threshold, sensitivity, specificity, float(target_sensitivity))
+
+
+@dataclass
+class OperatingPoints:
+    """Sensitivity, specificity and PPV at given thresholds, with bootstrap intervals; arrays (C,).
+
+    ``n_pos`` / ``n_neg`` known positives / negatives, ``n_called`` cases at or above the threshold.
+    NaN where undefined (no positives for sensitivity, no negatives for specificity, nothing called for
+    PPV). Intervals: percentile bootstrap over the same resamples as the AUCs (NaN with n_boot=0).
+    """
+
+    threshold: np.ndarray
+    sensitivity: np.ndarray
+    specificity: np.ndarray
+    ppv: np.ndarray
+    intervals: dict  # name -> (low (C,), high (C,)) for "sensitivity", "specificity", "ppv"
+    n_pos: np.ndarray
+    n_neg: np.ndarray
+    n_called: np.ndarray
+
+
+def _rates(called: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(B,) sensitivity, specificity, PPV under case weights (B, n); NaN where undefined."""
+    tp = (weights * (called & positive)).sum(axis=1)
+    fn = (weights * (~called & positive)).sum(axis=1)
+    tn = (weights * (~called & ~positive)).sum(axis=1)
+    fp = (weights * (called & ~positive)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return tp / (tp + fn), tn / (tn + fp), tp / (tp + fp)
+
+
+def operating_points(probabilities, labels, thresholds, *, n_boot: int = 1000, level: float = 0.95,
+                     seed: int = 0, groups=None) -> OperatingPoints:
+    """Per-finding sensitivity, specificity and PPV of calling ``probabilities >= thresholds`` (C,).
+
+    Resamples as :func:`auc_with_ci` (same ``seed`` and ``groups`` give the same resampled cases).
+    """
+    probabilities, labels = _check_pair(probabilities, labels)
+    thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    n, n_findings = probabilities.shape
+    if thresholds.shape != (n_findings,):
+        raise ValueError(f"thresholds must have one value per finding ({n_findings}), got {thresholds.shape}")
+    counts = bootstrap_counts(n, n_boot, seed, groups).astype(np.float64) if n_boot > 0 and n else None
+    point = {name: np.full(n_findings, np.nan) for name in ("sensitivity", "specificity", "ppv")}
+    boot = {name: np.full((max(n_boot, 0), n_findings), np.nan) for name in point}
+    n_called = np.zeros(n_findings, dtype=int)
+    for c in range(n_findings):
+        known = ~np.isnan(labels[:, c])
+        called = probabilities[known, c] >= thresholds[c]
+        positive = labels[known, c] == 1
+        n_called[c] = int(called.sum())
+        values = _rates(called, positive, np.ones((1, int(known.sum()))))
+        for name, value in zip(point, values):
+            point[name][c] = value[0]
+        if counts is not None and known.any():
+            for name, value in zip(point, _rates(called, positive, counts[:, known])):
+                boot[name][:, c] = value
+    intervals = {name: (percentile_interval(boot[name], level) if counts is not None
+                        else (np.full(n_findings, np.nan), np.full(n_findings, np.nan))) for name in point}
+    return OperatingPoints(thresholds, point["sensitivity"], point["specificity"], point["ppv"], intervals,
+                           np.nansum(labels == 1, axis=0).astype(int), np.nansum(labels == 0, axis=0).astype(int),
+                           n_called)
 
 
 # -------------------------------------------------------------------------------------------- comparison

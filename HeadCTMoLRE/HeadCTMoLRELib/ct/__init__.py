@@ -2,7 +2,8 @@
 of ours above ``findings``/``resources``/``settings``).
 
 Modules, in the data's order: ``loader`` (``load_ct``: NIfTI/NRRD/MHA files and DICOM folders -> CTVolume in
-HU, LPS), ``dicom_series`` / ``dicom_volume`` (grouping, sorting and geometry of DICOM series),
+HU, LPS), ``nifti`` (NIfTI-1/2 header, geometry and payload by the standard), ``dicom_series`` /
+``dicom_volume`` (splitting, choice, sorting and geometry of DICOM series, Enhanced CT included),
 ``checks`` (plausibility rules shared by every source), ``alignment`` (registration to the head template)
 and ``preprocess`` (CTVolume -> SliceStack, S x 3 x H x W windows in 0..1 with the map back to patient space).
 """

@@ -135,32 +135,69 @@ class VoxelGrid:
                          self.origin_mm + self.direction @ ((factors - 1) / 2.0 * self.spacing_mm), self.direction)
 
 
+def as_hu(values: torch.Tensor) -> torch.Tensor:
+    """Stored voxel values (any dtype) -> a NEW float32 tensor clamped to [-1024, 3071] HU (scanner padding
+    such as -1500/-3024 becomes air). Used chunk by chunk on ``raw`` volumes, so that no full float copy of
+    a large CT is ever made."""
+    return values.to(torch.float32, copy=True).clamp_(AIR_HU, MAX_HU)
+
+
+RAW_CHUNK_VOXELS = 1 << 22  # voxels converted to float32 at once when reading a raw volume (~16 MiB)
+
+
 @dataclass
 class DeviceVolume:
-    """A CT on a torch device: ``hu`` float32 (z, y, x) clamped to [-1024, 3071] HU; ``grid`` its geometry."""
+    """A CT on a torch device: ``hu`` (z, y, x) and ``grid`` its geometry.
+
+    raw=False: ``hu`` is float32 clamped to [-1024, 3071] HU. raw=True: ``hu`` holds the image's stored
+    values (any dtype, HU but not clamped; on the CPU a read-only view of the image's own buffer), and every
+    consumer converts it with ``as_hu`` one chunk at a time (``box_shrink``, ``preprocess.anti_alias``)."""
 
     hu: torch.Tensor
     grid: VoxelGrid
+    raw: bool = False
 
     @classmethod
-    def from_image(cls, image: sitk.Image, device=None) -> "DeviceVolume":
-        """Upload a 3D scalar SimpleITK image (any pixel type, HU) to ``device`` (None: CPU), clamping
-        scanner padding such as -1500/-3024 to air."""
+    def from_image(cls, image: sitk.Image, device=None, *, raw: bool = False) -> "DeviceVolume":
+        """Upload a 3D scalar SimpleITK image (any pixel type, HU) to ``device`` (None: CPU). raw=False
+        converts to clamped float32 (one float copy); raw=True keeps the stored values (no copy on the CPU,
+        the stored dtype on a GPU) for consumers that convert chunk by chunk."""
         array = sitk.GetArrayViewFromImage(image)
-        with python_warnings.catch_warnings():  # read-only view: torch never writes to it (clamp copies)
+        with python_warnings.catch_warnings():  # read-only view: torch never writes to it (as_hu copies)
             python_warnings.simplefilter("ignore", UserWarning)
             source = torch.from_numpy(array)
-        hu = source.to(device=torch.device(device or "cpu"), dtype=torch.float32)
-        return cls(torch.clamp(hu, AIR_HU, MAX_HU), VoxelGrid.of(image))
+        target = torch.device(device or "cpu")
+        if raw:
+            return cls(source.to(device=target), VoxelGrid.of(image), raw=True)
+        return cls(as_hu(source.to(device=target)), VoxelGrid.of(image))
+
+    def float_hu(self) -> torch.Tensor:
+        """``hu`` as clamped float32 (a full copy when raw: for small volumes or when nothing is filtered)."""
+        return as_hu(self.hu) if self.raw else self.hu
 
 
 def box_shrink(volume: DeviceVolume, factors) -> DeviceVolume:
-    """Average bins of ``factors`` (x, y, z) voxels (capped at the size), like ITK BinShrink."""
+    """Average bins of ``factors`` (x, y, z) voxels (capped at the size), like ITK BinShrink. A raw volume
+    is converted slab by slab (whole bins of slices), so only the small result is ever float32 in full."""
     factors = [max(1, min(int(f), n)) for f, n in zip(factors, volume.grid.size)]
     if max(factors) == 1:
-        return volume
-    shrunk = F.avg_pool3d(volume.hu[None, None], kernel_size=factors[::-1], stride=factors[::-1])[0, 0]
-    return DeviceVolume(shrunk, volume.grid.shrunk(factors))
+        return DeviceVolume(volume.float_hu(), volume.grid)
+    kernel = factors[::-1]
+    if not volume.raw:
+        return DeviceVolume(F.avg_pool3d(volume.hu[None, None], kernel_size=kernel, stride=kernel)[0, 0],
+                            volume.grid.shrunk(factors))
+    fz = factors[2]
+    slab = max(fz, (RAW_CHUNK_VOXELS // max(1, volume.hu[0].numel())) // fz * fz)
+    usable = (volume.hu.shape[0] // fz) * fz
+    grid = volume.grid.shrunk(factors)
+    # written into one preallocated result: small results kept between large temporaries would pin the
+    # allocator's heap (glibc) and the process would grow by a slab per slab
+    shrunk = torch.empty(grid.size[::-1], dtype=torch.float32, device=volume.hu.device)
+    for start in range(0, usable, slab):
+        stop = min(start + slab, usable)
+        shrunk[start // fz:stop // fz] = F.avg_pool3d(as_hu(volume.hu[start:stop])[None, None], kernel_size=kernel,
+                                                      stride=kernel)[0, 0]
+    return DeviceVolume(shrunk, grid)
 
 
 def coarse_volume(volume: DeviceVolume, spacing_mm: float = COARSE_SPACING_MM) -> DeviceVolume:
@@ -187,7 +224,8 @@ def axis_aligned(volume: DeviceVolume) -> DeviceVolume:
     old_index[nearest_axis] = corner
     origin = grid.origin_mm + grid.direction @ (old_index * grid.spacing_mm)
     direction = grid.direction[:, nearest_axis] * signs[None, :]
-    return DeviceVolume(hu, VoxelGrid(tuple(int(n) for n in size), grid.spacing_mm[nearest_axis], origin, direction))
+    return DeviceVolume(hu, VoxelGrid(tuple(int(n) for n in size), grid.spacing_mm[nearest_axis], origin, direction),
+                        volume.raw)
 
 
 # ---------------------------------------------------------------- head masks

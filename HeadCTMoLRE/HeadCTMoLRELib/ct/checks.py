@@ -18,6 +18,7 @@ Thresholds (tool decisions, documented here once):
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
 
 AIR_HU = -1024.0
 MIN_Z_COVERAGE_MM = 50.0
@@ -27,6 +28,8 @@ MAX_SPACING_MM = 20.0
 MAX_EXTENT_MM = 600.0
 SMALL_FOV_MM = 120.0
 MAX_VOXELS = 2_000_000_000  # ~ 1024 x 1024 x 1900; anything larger is a corrupt header, not a head CT
+MAX_PAYLOAD_BYTES = 16 * 1024 ** 3  # a file header promising more voxel bytes is corrupt; never allocated
+MAX_NON_FINITE_FRACTION = 0.5  # above this share of NaN/inf voxels the volume is refused, below it they become air
 HU_SAMPLE_VOXELS = 2_000_000  # value statistics use a regular subsample of about this many voxels
 
 
@@ -142,11 +145,19 @@ def hu_percentiles(hu: np.ndarray) -> dict[str, float]:
     return {f"p{q}": round(float(v), 1) for q, v in zip(qs, np.percentile(sample, qs))}
 
 
-def check_finite(name: str, values: np.ndarray) -> None:
-    """Refuse NaN / infinite voxels (SimpleITK would silently keep them; casts turn them into 0)."""
-    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-    if bad:
-        raise CTInputError(f"{name}: {bad} voxels are NaN or infinite; the volume is corrupt. Re-export it.")
+def replace_non_finite(name: str, values: np.ndarray) -> str | None:
+    """Set NaN / infinite voxels to air (-1024 HU) in place and return a warning giving their count; refuse
+    when more than MAX_NON_FINITE_FRACTION of the voxels are non-finite (the volume is corrupt)."""
+    finite = np.isfinite(values)
+    bad = int(values.size - np.count_nonzero(finite))
+    if not bad:
+        return None
+    if bad > MAX_NON_FINITE_FRACTION * values.size:
+        raise CTInputError(f"{name}: {bad} of {values.size} voxels are NaN or infinite; the volume is corrupt. "
+                           "Re-export it.")
+    values[~finite] = AIR_HU
+    return (f"{name}: {bad} voxels are NaN or infinite (not a number); set to air ({AIR_HU:g} HU). Check the "
+            "export: such voxels usually mark missing data.")
 
 
 def check_hu_plausible(name: str, hu: np.ndarray, hu_offset: float | None) -> None:
@@ -190,3 +201,26 @@ def clamp_to_air(hu: np.ndarray) -> int:
     if count:
         hu[below] = AIR_HU
     return count
+
+
+def checked_values(name: str, image, hu_offset: float | None):
+    """The value checks every source goes through (files, DICOM, Slicer nodes), with the same messages.
+
+    image: 3-D SimpleITK image in HU (after rescale and any ``hu_offset``). NaN/inf voxels become air
+    with a warning (``replace_non_finite``), values must look like HU (``check_hu_plausible``), padding
+    below -1024 HU becomes air (a note). Returns (float32 image with the same geometry, warnings, notes).
+    """
+    hu = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    warnings, notes = [], []
+    non_finite = replace_non_finite(name, hu)
+    if non_finite:
+        warnings.append(non_finite)
+    check_hu_plausible(name, hu, hu_offset)
+    clamped = clamp_to_air(hu)
+    if clamped:
+        notes.append(f"{clamped} voxels below {AIR_HU:g} HU (outside-field-of-view padding) set to air")
+    if non_finite or clamped or image.GetPixelID() != sitk.sitkFloat32:
+        fixed = sitk.GetImageFromArray(hu)
+        fixed.CopyInformation(image)
+        image = fixed
+    return image, warnings, notes

@@ -16,10 +16,8 @@ Every output voxel below -1024 HU (outside-field-of-view padding) is set to -102
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
-import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,17 +27,18 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import checks as ct_checks
-from .checks import CTInputError
-from .dicom_series import choose_series, scan_dicom
-from .dicom_volume import build_volume
+from .checks import MAX_PAYLOAD_BYTES, CTInputError
+from . import nifti
+from .dicom_series import choose_series, scan_dicom, series_warnings
+from .dicom_volume import build_volume, orthogonal_image
+from .series_manifest import is_series_manifest, read_series_files
 
 __all__ = ["CTInputError", "CTVolume", "load_ct", "list_dicom_series", "validation_report"]
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 META_SUFFIXES = (".mha", ".mhd")
-MAX_PAYLOAD_BYTES = 16 * 1024 ** 3  # a header promising more than this is corrupt, never allocated
 _CHUNK = 1 << 20
+_UNKNOWN_ORIENTATION = "no orientation in the header: the orientation is unknown; left/right cannot be trusted"
 
 
 @dataclass
@@ -88,73 +87,7 @@ class _Payload:
     path: Path
     offset: int
     expected_bytes: int
-    compression: str | None  # None; "gzip-file": the whole file is gzip, offset counts in the decompressed
-    #                          stream (NIfTI .gz); "zlib": a zlib/gzip stream starts at byte offset (NRRD, MHA)
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in NIFTI_SUFFIXES + NRRD_SUFFIXES + META_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    return ""
-
-
-def _open_maybe_gzip(path: Path):
-    with open(path, "rb") as handle:
-        magic = handle.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
-
-
-def _nifti_header(path: Path) -> tuple[_Payload, list[str]]:
-    """Parse a NIfTI-1/2 header; refuse zero/absurd dims and zero spacing; return payload and warnings."""
-    try:
-        with _open_maybe_gzip(path) as handle:
-            raw = handle.read(540)
-    except (OSError, EOFError, zlib.error) as error:
-        raise CTInputError(f"{path}: file is truncated or corrupt (cannot read the NIfTI header: {error}).") from error
-    if len(raw) < 348:
-        raise CTInputError(f"{path}: file is truncated or corrupt (NIfTI header is {len(raw)} of 348 bytes).")
-    for endian in "<>":
-        size_of_header = struct.unpack(endian + "i", raw[:4])[0]
-        if size_of_header in (348, 540):
-            break
-    else:
-        raise CTInputError(f"{path}: not a NIfTI file (header size field {size_of_header}); the file is corrupt.")
-    if size_of_header == 348:
-        dims = struct.unpack(endian + "8h", raw[40:56])
-        bitpix = struct.unpack(endian + "h", raw[72:74])[0]
-        pixdim = struct.unpack(endian + "8f", raw[76:108])
-        vox_offset = int(struct.unpack(endian + "f", raw[108:112])[0])
-        qform, sform = struct.unpack(endian + "2h", raw[252:256])
-        compressed_header_end = 348
-    else:
-        if len(raw) < 540:
-            raise CTInputError(f"{path}: file is truncated or corrupt (NIfTI-2 header is {len(raw)} of 540 bytes).")
-        bitpix = struct.unpack(endian + "h", raw[14:16])[0]
-        dims = struct.unpack(endian + "8q", raw[16:80])
-        pixdim = struct.unpack(endian + "8d", raw[104:168])
-        vox_offset = int(struct.unpack(endian + "q", raw[168:176])[0])
-        qform, sform = struct.unpack(endian + "2i", raw[344:352])
-        compressed_header_end = 540
-    n_dims = dims[0]
-    if not 1 <= n_dims <= 7:
-        raise CTInputError(f"{path}: NIfTI header has {n_dims} dimensions; the file is corrupt.")
-    sizes = [int(d) for d in dims[1:n_dims + 1]]
-    if any(s <= 0 for s in sizes):
-        raise CTInputError(f"{path}: empty image (a dimension is 0: dim = {sizes}); the file holds no volume.")
-    if n_dims >= 3 and any(not np.isfinite(p) or p <= 0 for p in pixdim[1:4]):
-        raise CTInputError(f"{path}: zero or negative voxel spacing in the header (pixdim {list(pixdim[1:4])}); "
-                           "fix the spacing or re-export the volume.")
-    expected = int(np.prod(sizes, dtype=np.float64)) * max(bitpix, 8) // 8
-    warnings = []
-    if qform == 0 and sform == 0:
-        warnings.append(f"{path.name}: NIfTI qform_code and sform_code are both 0: the orientation is unknown "
-                        "(Analyze-style); left/right cannot be trusted.")
-    with open(path, "rb") as handle:
-        gzipped = handle.read(2) == b"\x1f\x8b"
-    payload = _Payload(path, max(vox_offset, compressed_header_end), expected, "gzip-file" if gzipped else None)
-    return payload, warnings
+    compression: str | None  # None, or "zlib": a zlib/gzip stream starts at byte offset (NRRD, MHA)
 
 
 def _text_header(path: Path, stop) -> tuple[list[str], int]:
@@ -197,15 +130,18 @@ def _nrrd_header(path: Path) -> tuple[_Payload | None, list[str]]:
     for vector in re.findall(r"\(([^)]*)\)", fields.get("space directions", "")):
         if not np.any(np.abs([float(x) for x in vector.split(",")]) > 0):
             raise CTInputError(f"{path}: zero voxel spacing (space direction ({vector})); fix the header.")
+    warnings = []
+    if "space" not in fields and "space dimension" not in fields or "space directions" not in fields:
+        warnings.append(f"{path.name}: {_UNKNOWN_ORIENTATION} (NRRD without 'space' / 'space directions')")
     encoding = fields.get("encoding", "raw").lower()
     element = _NRRD_BYTES.get(fields.get("type", "").lower())
     data_file = fields.get("data file") or fields.get("datafile")
     if element is None or encoding not in ("raw", "gzip", "gz") or (data_file and data_file.startswith("LIST")):
-        return None, []  # ascii/bzip2/lists: SimpleITK validates those itself
+        return None, warnings  # ascii/bzip2/lists: SimpleITK validates those itself
     target = (path.parent / data_file) if data_file else path
     start = 0 if data_file else offset
     return _Payload(target, start, int(np.prod(sizes, dtype=np.float64)) * element,
-                    None if encoding == "raw" else "zlib"), []
+                    None if encoding == "raw" else "zlib"), warnings
 
 
 def _meta_header(path: Path) -> tuple[_Payload | None, list[str]]:
@@ -222,52 +158,29 @@ def _meta_header(path: Path) -> tuple[_Payload | None, list[str]]:
     spacing = fields.get("ElementSpacing") or fields.get("ElementSize")
     if spacing and any(float(s) <= 0 for s in spacing.split()):
         raise CTInputError(f"{path}: zero or negative voxel spacing ({spacing}); fix the header.")
+    warnings = []
+    if not any(key in fields for key in ("TransformMatrix", "Rotation", "Orientation")):
+        warnings.append(f"{path.name}: {_UNKNOWN_ORIENTATION} (MetaImage without TransformMatrix)")
     element = _META_BYTES.get(fields["ElementType"])
     data_file = fields.get("ElementDataFile", "LOCAL")
     if element is None or int(fields.get("HeaderSize", "0")) != 0 or data_file.startswith("LIST") or "%" in data_file:
-        return None, []
+        return None, warnings
     channels = int(fields.get("ElementNumberOfChannels", "1"))
     compressed = fields.get("CompressedData", "False").lower() == "true"
     target = path if data_file == "LOCAL" else path.parent / data_file
     return _Payload(target, offset if data_file == "LOCAL" else 0,
                     int(np.prod(sizes, dtype=np.float64)) * element * channels,
-                    "zlib" if compressed else None), []
-
-
-def _gzip_trailer_matches(path: Path, decompressed_bytes: int) -> bool:
-    """True when the gzip file ends with a trailer whose ISIZE (uncompressed length mod 2**32, last 4 bytes)
-    equals ``decompressed_bytes``: a complete single-stream file of exactly that length, checked without
-    decompressing. A truncated file has lost its trailer (its last bytes are compressed data, matching by
-    chance with probability 2**-32). False (the caller decompresses to count) for anything ambiguous:
-    sizes of 4 GiB or more, concatenated gzip members, trailing data."""
-    if decompressed_bytes >= 2 ** 32:
-        return False
-    with open(path, "rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() < 18 + 8:  # gzip header (10) + empty deflate block + trailer (8)
-            return False
-        handle.seek(-4, os.SEEK_END)
-        return struct.unpack("<I", handle.read(4))[0] == decompressed_bytes
+                    "zlib" if compressed else None), warnings
 
 
 def _payload_length(payload: _Payload) -> int:
-    """Bytes of voxel data actually present (decompressing in chunks, nothing kept in memory; a .nii.gz
-    whose gzip trailer states the expected length is taken at its word, see ``_gzip_trailer_matches``)."""
+    """Bytes of voxel data actually present (decompressing in chunks, nothing kept in memory)."""
     if not payload.path.is_file():
         raise CTInputError(f"{payload.path}: the data file named in the header does not exist.")
     if payload.compression is None:
         return payload.path.stat().st_size - payload.offset
-    if payload.compression == "gzip-file" and _gzip_trailer_matches(payload.path, payload.offset + payload.expected_bytes):
-        return payload.expected_bytes
     total = 0
     try:
-        if payload.compression == "gzip-file":
-            with gzip.open(payload.path, "rb") as stream:
-                while chunk := stream.read(_CHUNK):
-                    total += len(chunk)
-                    if total > payload.offset + payload.expected_bytes:
-                        break
-            return total - payload.offset
         decompressor = zlib.decompressobj(zlib.MAX_WBITS | 32)  # zlib or gzip stream after a text header
         with open(payload.path, "rb") as handle:
             handle.seek(payload.offset)
@@ -284,10 +197,8 @@ def _payload_length(payload: _Payload) -> int:
 
 
 def _check_volume_file(path: Path) -> list[str]:
-    """Header and payload-length checks for NIfTI / NRRD / MetaImage files; returns warnings."""
-    suffix = _suffix(path)
-    parser = {".nii": _nifti_header, ".nii.gz": _nifti_header, ".nrrd": _nrrd_header, ".nhdr": _nrrd_header,
-              ".mha": _meta_header, ".mhd": _meta_header}[suffix]
+    """Header and payload-length checks for NRRD / MetaImage files; returns warnings."""
+    parser = {"nrrd": _nrrd_header, "mha": _meta_header}[_file_kind(path)]
     payload, warnings = parser(path)
     if payload is None:
         return warnings
@@ -301,9 +212,63 @@ def _check_volume_file(path: Path) -> list[str]:
     return warnings
 
 
+# ---------------------------------------------------------------- what a file is, by its content
+
+_PICTURES = {b"\x89PNG": "a PNG picture", b"\xff\xd8\xff": "a JPEG picture", b"GIF8": "a GIF picture",
+             b"BM": "a BMP picture", b"II*\x00": "a TIFF picture", b"MM\x00*": "a TIFF picture",
+             b"%PDF": "a PDF document"}
+
+
+def _file_kind(path: Path) -> str:
+    """What a single file is, from its content (the name only breaks ties): "nifti" (NIfTI-1/2, Analyze,
+    gzip or not, .hdr/.img pairs), "nrrd", "mha", "picture: <what>", or "dicom" (everything else, which
+    the DICOM header scan then accepts or explains)."""
+    with open(path, "rb") as handle:
+        start = handle.read(512)
+    name = path.name.lower()
+    if start[128:132] == b"DICM":
+        return "dicom"
+    if start.startswith(b"NRRD"):
+        return "nrrd"
+    if re.match(rb"\s*(ObjectType|NDims|ObjectSubType|Comment)\s*=", start) and name.endswith(META_SUFFIXES):
+        return "mha"
+    if name.endswith(META_SUFFIXES) and b"ElementDataFile" in start:
+        return "mha"
+    if name.endswith((".img", ".img.gz")) or nifti.looks_like_nifti(path):
+        return "nifti"
+    for magic, what in _PICTURES.items():
+        if start.startswith(magic):
+            return f"picture: {what}"
+    return "dicom"
+
+
 # ---------------------------------------------------------------- loaders
 
-def _read_volume_file(path: Path, hu_offset: float | None) -> tuple[sitk.Image, list[str], list[str], dict]:
+def _read_nifti(path: Path, hu_offset: float | None) -> tuple[sitk.Image, list[str], list[str], dict]:
+    header = nifti.read_header(path)
+    affine, warnings = nifti.geometry(header)
+    linear = affine[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    direction = (nifti.RAS_TO_LPS @ linear / spacing).ravel()
+    warnings += ct_checks.check_grid(str(path), header.sizes, list(spacing) + [1.0] * (len(header.sizes) - 3),
+                                     direction)
+    stored = nifti.read_payload(header)
+    image = nifti.to_image(header, stored, affine)
+    del stored
+    image, sheared = orthogonal_image(image, path.name)
+    if hu_offset:
+        image = image + float(hu_offset)
+    provenance = {"format": "nifti", "source_paths": [str(path)], "n_files": 1 + (header.data_path != path),
+                  "stored_pixel_type": header.dtype, "nifti": {
+                      "version": header.version, "qform_code": header.qform_code, "sform_code": header.sform_code,
+                      "geometry_from": "sform" if header.sform_code > 0 else "qform" if header.qform_code > 0
+                      else "none", "units": nifti.UNIT_NAMES.get(header.units_code, "unknown"),
+                      "scl_slope": header.scl_slope, "scl_inter": header.scl_inter}}
+    return image, warnings + sheared, [], provenance
+
+
+def _read_itk_file(path: Path, hu_offset: float | None) -> tuple[sitk.Image, list[str], list[str], dict]:
+    """NRRD / MetaImage through SimpleITK after our own header and payload checks."""
     warnings = _check_volume_file(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -325,13 +290,11 @@ def _read_volume_file(path: Path, hu_offset: float | None) -> tuple[sitk.Image, 
             f"{path}: cannot read the voxel data ({_first_line(error)}); the file is corrupt.") from error
     if image.GetDimension() == 4:  # a 4-D file with one volume
         image = image[:, :, :, 0]
-    image = sitk.Cast(image, sitk.sitkFloat32)
+    image, sheared = orthogonal_image(sitk.Cast(image, sitk.sitkFloat32), path.name)
     if hu_offset:
         image = image + float(hu_offset)
-    fmt = {".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha",
-           ".mhd": "mha"}[_suffix(path)]
-    return image, warnings, [], {"format": fmt, "source_paths": [str(path)], "n_files": 1,
-                                 "stored_pixel_type": sitk.GetPixelIDValueAsString(reader.GetPixelID())}
+    return image, warnings + sheared, [], {"format": _file_kind(path), "source_paths": [str(path)], "n_files": 1,
+                                           "stored_pixel_type": sitk.GetPixelIDValueAsString(reader.GetPixelID())}
 
 
 def _first_line(error: Exception) -> str:
@@ -341,75 +304,84 @@ def _first_line(error: Exception) -> str:
 
 def _read_dicom(source, series: str | None, hu_offset: float | None):
     scan = scan_dicom(source)
-    chosen, choice_notes = choose_series(scan, series)
+    chosen, choice_warnings = choose_series(scan, series)
     try:
         image, warnings, notes, geometry = build_volume(chosen, hu_offset)
     except CTInputError as error:
-        raise CTInputError(f"{scan.source} (series {chosen.uid}): {error}") from None
+        raise CTInputError(f"{scan.source} (series {chosen.key}): {error}") from None
     first = chosen.first
     provenance = {
         "format": "dicom",
         "source_paths": [str(source)] if isinstance(source, (str, os.PathLike)) else [str(p) for p in source],
-        "n_files": len(chosen.slices),
+        "n_files": len({s.path for s in chosen.slices}),
+        "n_images": len(chosen.slices),
         "series_instance_uid": chosen.uid,
+        "candidate": chosen.key,
+        "part": chosen.part,
+        "sop_class_uid": first.sop_class_uid,
         "series_description": first.description,
         "modality": first.modality,
         "manufacturer": first.manufacturer,
         "convolution_kernel": first.kernel,
+        "contrast": first.contrast,
+        "lossy": first.lossy,
         "geometry": geometry,
         "other_series": [s.summary() for s in scan.series if s is not chosen],
     }
-    return image, warnings, scan.notes + choice_notes + notes, provenance
+    warnings = choice_warnings + series_warnings(chosen) + warnings
+    return image, warnings, scan.notes + notes, provenance
 
 
-def _is_volume_file(path: Path) -> bool:
-    return path.is_file() and _suffix(path) != ""
+_VOLUME_READERS = {"nifti": _read_nifti, "nrrd": _read_itk_file, "mha": _read_itk_file}
+
+
+def _read_source(source, series: str | None, hu_offset: float | None):
+    """The one place that decides how a source is read: a list of files or a folder -> DICOM; a file ->
+    by its content (``_file_kind``). Returns (image, warnings, notes, provenance)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return _read_dicom([Path(p) for p in source], series, hu_offset)
+    path = Path(source)
+    if not path.exists():
+        raise CTInputError(f"{path}: no such file or folder.")
+    kind = _file_kind(path) if path.is_file() else "dicom"
+    if kind.startswith("picture: "):
+        raise CTInputError(f"{path}: this is {kind.split(': ', 1)[1]}, not a CT volume. Load the original CT: a "
+                           "DICOM series folder, NIfTI (.nii, .nii.gz, .hdr/.img), NRRD or MetaImage file.")
+    if kind in _VOLUME_READERS:
+        return _VOLUME_READERS[kind](path, hu_offset)
+    return _read_dicom(path, series, hu_offset)
 
 
 def load_ct(source: str | os.PathLike | Sequence[os.PathLike], series: str | None = None, *,
             hu_offset: float | None = None) -> CTVolume:
     """Load a head CT and check that it can be trusted.
 
-    source: a NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr) or MetaImage (.mha/.mhd) file, a DICOM folder
-        (searched recursively; a DICOMDIR is recognised and the tree scanned), a DICOMDIR file, a single
-        DICOM file, or a list of DICOM files.
-    series: SeriesInstanceUID (or a unique prefix / SeriesDescription) to load when a folder holds
-        several series; otherwise the documented rule in ``dicom_series`` picks one (see notes).
+    source: a NIfTI-1/2 (.nii, .nii.gz, .hdr/.img pair), NRRD (.nrrd/.nhdr) or MetaImage (.mha/.mhd) file
+        (recognised by content), a DICOM folder (searched recursively; a DICOMDIR is recognised and the tree
+        scanned), a DICOMDIR file, a single DICOM file (Enhanced CT multi-frame included), or a list of
+        DICOM files.
+    series: candidate id (SeriesInstanceUID, ``UID#N`` for one part of a split series, a unique prefix or
+        SeriesDescription) to load when a folder holds several; otherwise the documented rule in
+        ``dicom_series`` picks one (with warnings).
     hu_offset: explicit correction added to every value (e.g. -1024 for raw CT numbers); recorded as
         a warning.
 
-    Returns a CTVolume whose image is 3-D float32 HU in LPS mm (x, y, z; numpy z, y, x). Raises
-    CTInputError naming the file, the problem and the remedy.
+    Returns a CTVolume whose image is 3-D float32 HU in LPS mm (x, y, z; numpy z, y, x) on an orthogonal
+    grid. Raises CTInputError naming the file, the problem and the remedy.
     """
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise CTInputError(f"{path}: no such file or folder.")
-        reader = _read_volume_file if _is_volume_file(path) else None
-    else:
-        path, reader = None, None
-    if reader is not None:
-        image, warnings, notes, provenance = reader(path, hu_offset)
-    else:
-        image, warnings, notes, provenance = _read_dicom(source, series, hu_offset)
-    name = str(path) if path is not None else provenance["source_paths"][0]
+    if isinstance(source, (str, os.PathLike)) and is_series_manifest(source):
+        source = read_series_files(source)  # one series named by a *.series.json (ct/series_manifest.py)
+    image, warnings, notes, provenance = _read_source(source, series, hu_offset)
+    name = str(source) if isinstance(source, (str, os.PathLike)) else provenance["source_paths"][0]
     if provenance["format"] == "dicom":
         warnings = warnings + ct_checks.check_grid(name, image.GetSize(), image.GetSpacing(), image.GetDirection())
-    hu = sitk.GetArrayViewFromImage(image)
-    ct_checks.check_finite(name, hu)
-    ct_checks.check_hu_plausible(name, hu, hu_offset)
-    hu = sitk.GetArrayFromImage(image)
-    clamped = ct_checks.clamp_to_air(hu)
-    if clamped:
-        fixed = sitk.GetImageFromArray(hu)
-        fixed.CopyInformation(image)
-        image = fixed
-        notes = notes + [f"{clamped} voxels below {ct_checks.AIR_HU:g} HU (outside-field-of-view padding) set to air"]
+    image, value_warnings, value_notes = ct_checks.checked_values(name, image, hu_offset)
     if hu_offset:
-        warnings = warnings + [f"values shifted by hu_offset {hu_offset:+g} as requested; check that air is about "
-                               "-1000 HU and brain 20-45 HU"]
+        value_warnings.append(f"values shifted by hu_offset {hu_offset:+g} as requested; check that air is about "
+                              "-1000 HU and brain 20-45 HU")
     provenance["hu_offset"] = hu_offset
-    return CTVolume(image=image, warnings=warnings, notes=notes, provenance=provenance)
+    return CTVolume(image=image, warnings=warnings + value_warnings, notes=notes + value_notes,
+                    provenance=provenance)
 
 
 def list_dicom_series(folder) -> list[dict]:

@@ -27,8 +27,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .alignment import (AIR_HU, HEAD_FRAME_CENTER_MM, DeviceVolume, VoxelGrid, align_to_head_frame, body_mask,
-                        rigid_matrix)
+from .alignment import (AIR_HU, HEAD_FRAME_CENTER_MM, DeviceVolume, VoxelGrid, align_to_head_frame, as_hu,
+                        body_mask, rigid_matrix)
 
 MIN_VALID_SLICE_FRACTION = 0.5  # a slice counts as scanned when half of its central disc was scanned
 
@@ -176,24 +176,46 @@ def _gaussian_kernel(sigma_voxels: float) -> np.ndarray:
     return kernel / kernel.sum()
 
 
-def _filter_along(hu: torch.Tensor, dim: int, kernel: np.ndarray, stride: int, left_pad: int) -> torch.Tensor:
+FILTER_CHUNK_VOXELS = 1 << 22  # input voxels filtered at once: bounds conv1d's working memory (~16 MiB float32)
+
+
+def _filter_along(hu: torch.Tensor, dim: int, kernel: np.ndarray, stride: int, left_pad: int,
+                  chunk_voxels: int = FILTER_CHUNK_VOXELS, *, raw: bool = False) -> torch.Tensor:
     """Correlate every line of a (z, y, x) tensor along ``dim`` with ``kernel`` (border values extended by
     ``left_pad`` voxels before and as many after as keep floor(n / stride) outputs) and keep every
-    ``stride``-th output: output m starts at input m * stride - left_pad."""
-    moved = hu.movedim(dim, -1)
-    lines = moved.reshape(-1, 1, moved.shape[-1])
+    ``stride``-th output: output m starts at input m * stride - left_pad.
+
+    Memory: the output plus one chunk of about ``chunk_voxels`` input voxels at a time (the lines are cut
+    along another axis), never a padded or transposed copy of the whole volume; the lines are the same
+    whatever the chunk, so the result does not depend on it. raw=True: ``hu`` holds stored values (any
+    dtype), converted to clamped float32 HU chunk by chunk (``alignment.as_hu``); the output is float32."""
+    n = hu.shape[dim]
     right_pad = len(kernel) - stride - left_pad
-    if left_pad or right_pad:
-        lines = F.pad(lines, (left_pad, right_pad), mode="replicate")
-    weights = torch.as_tensor(kernel, dtype=hu.dtype, device=hu.device).view(1, 1, -1)
-    filtered = F.conv1d(lines, weights, stride=stride)
-    return filtered.reshape(*moved.shape[:-1], filtered.shape[-1]).movedim(-1, dim)
+    out_length = (n + left_pad + right_pad - len(kernel)) // stride + 1
+    out_shape = list(hu.shape)
+    out_shape[dim] = out_length
+    out = torch.empty(out_shape, dtype=torch.float32, device=hu.device)
+    weights = torch.as_tensor(kernel, dtype=torch.float32, device=hu.device).view(1, 1, -1)
+    split = 0 if dim != 0 else 1  # cut the lines into chunks along an axis they do not run along
+    step = max(1, chunk_voxels // max(1, hu.numel() // max(1, hu.shape[split])))
+    for start in range(0, hu.shape[split], step):
+        part = hu.narrow(split, start, min(step, hu.shape[split] - start))
+        moved = part.movedim(dim, -1)
+        lines = moved.reshape(-1, 1, n)
+        if raw:
+            lines = as_hu(lines)
+        if left_pad or right_pad:
+            lines = F.pad(lines, (left_pad, right_pad), mode="replicate")
+        filtered = F.conv1d(lines, weights, stride=stride)
+        out.narrow(split, start, part.shape[split]).copy_(
+            filtered.reshape(*moved.shape[:-1], out_length).movedim(-1, dim))
+    return out
 
 
 def anti_alias(volume: DeviceVolume, output_spacing_along_axes: np.ndarray) -> DeviceVolume:
-    """Low-pass a volume (float32 HU on its device) before it is sampled at ``output_spacing_along_axes``
-    (mm, one per input axis, x y z order), returning a smaller volume on a grid at most half the output
-    spacing (separable 1D convolutions, border values extended).
+    """Low-pass a volume (HU on its device; a raw one is converted chunk by chunk) before it is sampled at
+    ``output_spacing_along_axes`` (mm, one per input axis, x y z order), returning a smaller float32 volume
+    on a grid at most half the output spacing (separable 1D convolutions, border values extended).
 
     Per input axis, with ratio = output / input spacing:
     - ratio >= 3 (e.g. 0.5 -> 4 mm slices): Gaussian with sigma = (output - input spacing) / 2 mm, then
@@ -205,8 +227,9 @@ def anti_alias(volume: DeviceVolume, output_spacing_along_axes: np.ndarray) -> D
     """
     grid = volume.grid
     ratio = np.asarray(output_spacing_along_axes, float) / grid.spacing_mm
-    hu, factors = volume.hu, np.ones(3, int)
-    for axis in range(3):
+    hu, factors, raw = volume.hu, np.ones(3, int), volume.raw
+    # the axis shrunk most first (thin-slice z, usually): every later pass then reads a smaller volume
+    for axis in sorted(range(3), key=lambda a: -ratio[a]):
         size = grid.size[axis]
         if ratio[axis] >= 3 and size > 1:
             factor = min(int(ratio[axis] // 2), size)
@@ -217,9 +240,9 @@ def anti_alias(volume: DeviceVolume, output_spacing_along_axes: np.ndarray) -> D
             factor, kernel, left_pad = 2, np.array([0.5, 0.5]), 0
         else:
             continue
-        hu = _filter_along(hu, 2 - axis, kernel, factor, left_pad)
-        factors[axis] = factor
-    return DeviceVolume(hu, grid.shrunk(factors))
+        hu = _filter_along(hu, 2 - axis, kernel, factor, left_pad, raw=raw)  # the first filter converts
+        factors[axis], raw = factor, False
+    return DeviceVolume(as_hu(hu) if raw else hu, grid.shrunk(factors))
 
 
 def _output_spacing_along_input_axes(grid: VoxelGrid, frame_to_patient_rotation: np.ndarray,
@@ -298,8 +321,8 @@ def preprocess(volume, config: PreprocessConfig = PreprocessConfig(), *, device=
         holds numpy arrays whatever the device.
     """
     image, warnings = _as_image(volume)
-    with torch.no_grad():
-        hu = DeviceVolume.from_image(image, device)
+    with torch.no_grad():  # raw: the stored voxels, converted to float chunk by chunk (memory ~ the output)
+        hu = DeviceVolume.from_image(image, device, raw=True)
     alignment = align_to_head_frame(hu, config.alignment)
     warnings += alignment.warnings
     origin, spacing, size = _stack_grid(config)

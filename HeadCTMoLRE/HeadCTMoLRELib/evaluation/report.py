@@ -200,8 +200,14 @@ def reliability_diagram(path: str | Path, bins_by_label: Mapping[str, Reliabilit
 
 
 # ---------------------------------------------------------------------------------------------- tables
-PER_FINDING_COLUMNS = ("id", "name", "category", "auc", "ci_low", "ci_high", "n_pos", "n_neg", "threshold",
-                       "sensitivity", "specificity")
+PER_FINDING_COLUMNS = ("id", "name", "category", "n_pos", "n_neg", "auc", "ci_low", "ci_high", "ci_method",
+                       "n_degenerate_resamples", "threshold", "n_called", "sensitivity", "sensitivity_ci_low",
+                       "sensitivity_ci_high", "specificity", "specificity_ci_low", "specificity_ci_high", "ppv",
+                       "ppv_ci_low", "ppv_ci_high")
+#: The per-finding Markdown table: every figure with its positives, intervals in one cell.
+PER_FINDING_MARKDOWN = (("name", "finding"), ("n_pos", "n pos"), ("n_neg", "n neg"), ("auc", "AUC (95% CI)"),
+                        ("threshold", "threshold"), ("sensitivity", "sensitivity (95% CI)"),
+                        ("specificity", "specificity (95% CI)"), ("ppv", "PPV (95% CI)"))
 COMPARISON_COLUMNS = ("id", "name", "category", "auc_reference", "auc_candidate", "difference", "difference_ci_low",
                       "difference_ci_high", "n_pos", "n_neg")
 
@@ -240,6 +246,31 @@ def table_markdown(rows: Sequence[Mapping], columns: Sequence[str], headers: Seq
     return "\n".join(lines) + "\n"
 
 
+def _with_interval(row: Mapping, key: str, low_key: str, high_key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "n/a"
+    low, high = row.get(low_key), row.get(high_key)
+    return f"{value:.3f}" + (f" ({low:.3f}-{high:.3f})" if low is not None and high is not None else "")
+
+
+def per_finding_markdown(rows: Sequence[Mapping], evaluation: Mapping) -> str:
+    """The per-finding table of an evaluation as Markdown, saying which figures are held-out."""
+    thresholds = evaluation.get("thresholds") or {}
+    bootstrap = evaluation.get("bootstrap") or {}
+    header = [f"Held-out figures on {evaluation.get('n_cases_evaluated', '?')} evaluated case(s) of "
+              f"`{evaluation.get('cases_csv', '?')}`" + (f" (split {evaluation['split']})" if evaluation.get("split") else "")
+              + f"; thresholds: {thresholds.get('reported_at', '?')}. Intervals: {bootstrap.get('rule', '')}.", ""]
+    table = [{"name": row.get("name") or row["id"], "n_pos": row.get("n_pos"), "n_neg": row.get("n_neg"),
+              "auc": _with_interval(row, "auc", "ci_low", "ci_high") + (" *" if row.get("ci_method") == "exact_extreme" else ""),
+              "threshold": row.get("threshold"),
+              **{k: _with_interval(row, k, f"{k}_ci_low", f"{k}_ci_high") for k in ("sensitivity", "specificity", "ppv")}}
+             for row in rows]
+    keys = [k for k, _ in PER_FINDING_MARKDOWN]
+    return "\n".join(header) + "\n" + table_markdown(table, keys, [h for _, h in PER_FINDING_MARKDOWN]) + \
+        "\n\\* interval from the exact bound at an extreme AUC (0 or 1), not the bootstrap\n"
+
+
 def format_summary(evaluation: Mapping, *, top: int = 10) -> str:
     """A short plain-text summary for the terminal: mean AUC, strata, calibration, best/worst findings."""
     mean = evaluation.get("mean_auc")
@@ -254,21 +285,32 @@ def format_summary(evaluation: Mapping, *, top: int = 10) -> str:
     calibration = evaluation.get("calibration") or {}
     if calibration.get("ece_before") is not None:
         after = calibration.get("ece_after")
-        lines.append(f"Calibration: ECE {calibration['ece_before']:.3f}"
-                     + (f" -> {after:.3f} after temperature scaling (T = {calibration.get('temperature'):.3f})"
-                        if after is not None else ""))
+        lines.append(f"Calibration (ECE over the {(calibration.get('bundle') or {}).get('n_findings', '?')} findings "
+                     f"with positives): bundle as given {calibration['ece_before']:.3f}"
+                     + (f" -> {after:.3f} with {calibration.get('method')} (T = {calibration.get('temperature'):.3f}; "
+                        f"{calibration.get('after_is')})" if after is not None else ""))
+    thresholds = evaluation.get("thresholds") or {}
+    if thresholds.get("reported_at"):
+        lines.append(f"Sensitivity / specificity / PPV below: held-out, at {thresholds['reported_at']}")
+    overlap = evaluation.get("overlap") or {}
+    if overlap.get("n_train") or overlap.get("n_val"):
+        lines.append(f"OVERLAP: {overlap['n_train']} evaluated case(s) among the training cases, {overlap['n_val']} "
+                     "among the validation cases of the bundle")
     rows = [r for r in sorted_rows(evaluation.get("per_finding") or {}) if r.get("auc") is not None]
     if rows:
         shown = rows if len(rows) <= 2 * top else rows[:top] + [None] + rows[-top:]
         lines.append("")
-        lines.append(f"{'finding':<40} {'AUC':>6} {'95% CI':>15} {'pos':>5} {'neg':>5}")
+        lines.append(f"{'finding':<40} {'pos':>5} {'neg':>5} {'AUC':>6} {'95% CI':>13} {'sens':>5} {'spec':>5} "
+                     f"{'PPV':>5}")
         for row in shown:
             if row is None:
                 lines.append(f"{'...':<40}")
                 continue
             ci = f"{row['ci_low']:.3f}-{row['ci_high']:.3f}" if row.get("ci_low") is not None else ""
-            lines.append(f"{_short(row.get('name') or row['id'], 40):<40} {row['auc']:>6.3f} {ci:>15} "
-                         f"{row.get('n_pos', ''):>5} {row.get('n_neg', ''):>5}")
+            rates = " ".join(f"{row[k]:>5.2f}" if row.get(k) is not None else f"{'n/a':>5}"
+                             for k in ("sensitivity", "specificity", "ppv"))
+            lines.append(f"{_short(row.get('name') or row['id'], 40):<40} {row.get('n_pos', ''):>5} "
+                         f"{row.get('n_neg', ''):>5} {row['auc']:>6.3f} {ci:>13} {rates}")
     comparison = evaluation.get("comparison")
     if comparison and comparison.get("mean_gain") is not None:
         lines.append("")
@@ -276,6 +318,22 @@ def format_summary(evaluation: Mapping, *, top: int = 10) -> str:
                      f"({comparison['n_improved']} findings better, {comparison['n_worse']} worse, "
                      f"{comparison['n_equal']} equal, of {comparison['n_compared']})")
     return "\n".join(lines)
+
+
+def calibration_sentence(calibration: Mapping) -> str:
+    """One line on calibration for cards and summaries: ECE over findings with positives, which figure
+    is held-out and which in-sample, and how the probabilities are made."""
+    bundle = calibration.get("bundle") or {}
+    text = (f"- Calibration (ECE over the {bundle.get('n_findings', '?')} findings with positives, "
+            f"{calibration.get('n_bins', 10)} equal-width bins): {_fmt(calibration.get('ece_before'))} as the bundle "
+            "was given (held-out)")
+    if calibration.get("ece_after") is not None:
+        text += (f", {_fmt(calibration.get('ece_after'))} with {calibration.get('method')} "
+                 f"(T = {_fmt(calibration.get('temperature'))}) fitted on the {calibration.get('fitted_on')} "
+                 f"({calibration.get('after_is')})")
+    if bundle.get("ece_all_findings") is not None:
+        text += f"; pooled over all {bundle.get('n_findings_all')} findings {_fmt(bundle['ece_all_findings'])}"
+    return text
 
 
 # ------------------------------------------------------------------------------------------ model card
@@ -384,10 +442,7 @@ def _metrics_section(manifest: Mapping, evaluation: Mapping | None) -> tuple[lis
                      + "; ".join(f"{STRATUM_LABELS.get(k, k)}: {v}" for k, v in strata.items()))
     calibration = source.get("calibration") or {}
     if calibration:
-        lines.append(f"- Calibration: expected calibration error {_fmt(calibration.get('ece_before'))} before and "
-                     f"{_fmt(calibration.get('ece_after'))} after temperature scaling "
-                     f"(T = {_fmt(calibration.get('temperature'))}; {calibration.get('n_bins', 10)} equal-width bins, "
-                     "all findings pooled; fitted and measured on the same cases)")
+        lines.append(calibration_sentence(calibration))
     if source.get("synthetic_cases"):
         lines.append("- The evaluation cases are **synthetic phantoms**, not patient scans.")
     comparison = source.get("comparison") or {}
@@ -401,7 +456,8 @@ def _metrics_section(manifest: Mapping, evaluation: Mapping | None) -> tuple[lis
     thresholds = source.get("thresholds") or {}
     if thresholds.get("target_sensitivity") is not None:
         lines.append(f"- Thresholds: chosen per finding for sensitivity >= {thresholds['target_sensitivity']:.2f} on "
-                     "these cases; 0.5 where a finding had no positive case")
+                     f"the {thresholds.get('fitted_on', 'evaluated cases')}; 0.5 where a finding had no positive case; "
+                     f"the operating points reported are held-out, at {thresholds.get('reported_at', 'these thresholds')}")
     per_finding = source.get("per_finding") or {}
     per_finding_auc = source.get("per_finding_auc") or {}
     if per_finding or per_finding_auc:
@@ -411,7 +467,8 @@ def _metrics_section(manifest: Mapping, evaluation: Mapping | None) -> tuple[lis
         rows = [dict(row, name=row.get("name") or names.get(row["id"], row["id"])) for row in sorted_rows(per_finding)
                 if row.get("auc") is not None]
         lines += ["", f"Per-finding AUC ({len(rows)} findings evaluated), best first:", ""]
-        columns = [c for c in ("name", "auc", "ci_low", "ci_high", "n_pos", "n_neg", "threshold") if any(c in r for r in rows)]
+        columns = [c for c in ("name", "auc", "ci_low", "ci_high", "n_pos", "n_neg", "threshold", "sensitivity",
+                               "specificity", "ppv") if any(c in r for r in rows)]
         lines.append(table_markdown(rows, columns, [c.replace("_", " ") for c in columns]).rstrip())
         evaluated = {row["id"] for row in rows}
     else:

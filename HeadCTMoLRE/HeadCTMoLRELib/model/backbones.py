@@ -1,6 +1,6 @@
-"""Frozen vision backbones from Hugging Face transformers, adapted with peft LoRA.
+"""Frozen vision backbones (Hugging Face transformers, or native torch modules), adapted with peft LoRA.
 
-Families (all through transformers, no timm/torchvision):
+Families (no timm/torchvision):
 
     "dinov3"      DINOv3 ViT (DINOv3ViTModel), patch 16, RoPE; slice feature = pooler_output (CLS after norm)
     "dinov2"      DINOv2 (Dinov2Model), patch 14; slice feature = pooler_output
@@ -8,15 +8,22 @@ Families (all through transformers, no timm/torchvision):
                   slice feature = mean of last_hidden_state
     "videomae3d"  VideoMAE (VideoMAEModel), a genuine 3-D ViT: tubelets of 2 slices x 16 x 16 px; the
                   slices of one volume are its frames; volume feature = mean of last_hidden_state
+    "medimageinsight"  MedImageInsight's DaViT image encoder (native torch, model/davit.py), 480 px;
+                  slice feature = its image embedding (pooled stage-4 tokens after LayerNorm, times the
+                  image projection: 1024-d, before the contrastive L2 normalisation)
 
 2-D families give a `SliceEncoder`: pixels (N, 3, H, W) in 0..1 -> features (N, d). The 3-D family gives a
 `VolumeEncoder`: pixels (B, S, 3, H, W) + slice_mask (B, S) -> features (B, d); the valid slices of each
 volume (inferior -> superior) are resampled linearly along the slice axis to the model's `num_frames`.
 Both apply the family's intensity normalisation themselves (ImageNet mean/std, or 0.5/0.5 for SigLIP).
 
-Weights come from a local folder in Hugging Face format (`from_pretrained(dir, local_files_only=True)`)
+Weights come from a local folder in Hugging Face format (`from_pretrained(dir, local_files_only=True)`;
+for native families a folder written by `headct-molre convert-weights`: config.json + model.safetensors)
 or, without one, from random initialisation of the size's real configuration (so "base" has the true
-ViT-B shape for benchmarks; "tiny" / "tiny-32" are small test models). The base weights are frozen;
+ViT-B shape for benchmarks; "tiny" / "tiny-32" are small test models). No hub is ever contacted: the
+package sets HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1 before transformers is imported, and a source that
+is not a local folder is refused; every weight of the architecture must be in the folder, none is silently
+left at random. The base weights are frozen;
 LoRA (r=8, alpha=16 by default) wraps exactly the attention projections of every encoder layer
 (or also the MLP with targets="all-linear").
 """
@@ -25,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -136,11 +142,21 @@ class _Family:
     sizes: dict[str, dict[str, Any]]
     fixed_overrides: dict[str, Any]  # applied to every config, loaded or random
     volumetric: bool = False
+    # where the classes live: "transformers", or a module of this package (native torch families)
+    module: str = "transformers"
+    # config entries that define the size (checked against the weights' config on load)
+    shape_keys: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+    native_image_size: int | None = None  # the input size the released weights were trained at (px)
+
+    @property
+    def native(self) -> bool:
+        return self.module != "transformers"
 
     def classes(self) -> tuple[type, type]:
-        import transformers
+        import importlib
 
-        return getattr(transformers, self.config_class_name), getattr(transformers, self.model_class_name)
+        module = importlib.import_module(self.module if not self.native else f"{__package__}.{self.module}")
+        return getattr(module, self.config_class_name), getattr(module, self.model_class_name)
 
 
 def _vit(hidden: int, layers: int, heads: int, intermediate: int) -> dict[str, Any]:
@@ -240,7 +256,35 @@ FAMILIES: dict[str, _Family] = {
         {"use_mean_pooling": True},
         volumetric=True,
     ),
+    # MedImageInsight (Microsoft, lion-ai/MedImageInsights): DaViT image encoder + image projection, 480 px.
+    "medimageinsight": _Family(
+        "DaViTConfig",
+        "DaViTImageEncoder",
+        "medimageinsight_davit",
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        r"stages\.\d+\.blocks\.\d+\.(?:spatial|channel)\.attn\.(?:qkv|proj)",
+        r"stages\.\d+\.blocks\.\d+\.(?:spatial|channel)\.mlp\.(?:fc1|fc2)",
+        {
+            # random tiny shapes for tests (also the parity fixture's): widths 8..32, windows of 4 tokens
+            "tiny": {"embed_dims": [8, 16, 24, 32], "depths": [1, 1, 2, 1], "num_heads": [2, 2, 2, 4],
+                     "num_groups": [2, 2, 2, 4], "window_size": 4, "projection_dim": 16},
+            "base": {"embed_dims": [256, 512, 1024, 2048], "depths": [1, 1, 9, 1], "num_heads": [8, 16, 32, 64],
+                     "num_groups": [8, 16, 32, 64], "window_size": 12, "projection_dim": 1024, "image_size": 480},
+        },
+        {},
+        module="davit",
+        shape_keys=("embed_dims", "depths", "num_heads", "num_groups", "projection_dim"),
+        native_image_size=480,
+    ),
 }
+
+
+def default_image_size(family: str) -> int:
+    """The slice size (px) a family's released weights expect: 480 for MedImageInsight, else 224."""
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown backbone family {family!r}; choose one of {sorted(FAMILIES)}.")
+    return FAMILIES[family].native_image_size or 224
 
 
 def available_sizes(family: str) -> list[str]:
@@ -290,7 +334,8 @@ class _Encoder(nn.Module):
         self.spec = spec
         self.backbone = backbone  # a peft PeftModel around the transformers model
         self.feature_dim = int(self.hf_config.hidden_size)
-        self.patch_size = int(self.hf_config.patch_size)
+        # input sides must be multiples of this (ViT patch size; native encoders state their own)
+        self.patch_size = int(getattr(self.hf_config, "input_multiple", None) or self.hf_config.patch_size)
         self.register_buffer("pixel_mean", torch.tensor(fam.mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(fam.std).view(3, 1, 1), persistent=False)
 
@@ -393,9 +438,11 @@ def build_backbone(
     """Build the backbone of `spec`, freeze it, and wrap its attention Linears with LoRA.
 
     weights_dir: a local folder in Hugging Face format (config.json + *.safetensors); never downloads.
-    Without it: `spec.source` if set (a local folder, or a hub id when HF_HUB_OFFLINE is not set),
-    otherwise random initialisation from `transformers_config` (e.g. stored in a model bundle) or from
-    the size's real configuration. Returns a SliceEncoder (2-D families) or VolumeEncoder (3-D family).
+    Without it: `spec.source` if set (a local folder; a hub id is refused), otherwise random
+    initialisation from `transformers_config` (e.g. stored in a model bundle) or from the size's real
+    configuration. The configuration is checked against the spec (check_transformers_config) BEFORE the
+    model is built, so a hostile config never allocates. Returns a SliceEncoder (2-D families) or
+    VolumeEncoder (3-D family).
     """
     fam = FAMILIES[spec.family]
     if weights_dir is not None:
@@ -416,35 +463,45 @@ def build_backbone(
     return encoder_class(spec, peft_model)
 
 
-def _resolve_source(source: str) -> Path | str:
-    """A local folder as a Path, or a hub id (a str) when downloads are allowed."""
+def _resolve_source(source: str) -> Path:
+    """The local folder of a backbone source; anything else (e.g. a hub id) is refused: no downloads."""
     folder = Path(source).expanduser()
     if folder.is_dir():
         return folder
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off"):
-        raise FileNotFoundError(
-            f"Backbone source {source!r} is not a local folder and HF_HUB_OFFLINE is set, so it cannot be "
-            "downloaded. Download the model elsewhere and pass its local folder (Hugging Face format: "
-            "config.json + *.safetensors) as the backbone weights directory."
-        )
-    return source
+    raise FileNotFoundError(
+        f"Backbone source {source!r} is not a local folder, and HeadCTMoLRE never downloads at run time. "
+        "Download the model elsewhere and pass its local folder (Hugging Face format: config.json + "
+        "*.safetensors) as the backbone weights directory."
+    )
 
 
-def _load_pretrained(spec: BackboneSpec, location: Path | str) -> nn.Module:
-    """from_pretrained on a local folder (never downloads) or, given a str, a hub id; fp32, SDPA."""
+def _load_pretrained(spec: BackboneSpec, location: Path) -> nn.Module:
+    """from_pretrained on a checked local folder (local_files_only: never downloads); fp32, SDPA.
+    Refuses a folder whose weights miss any parameter of the architecture (no silent random init)."""
     fam = FAMILIES[spec.family]
     _, model_class = fam.classes()
-    is_local = isinstance(location, Path)
-    if is_local:
-        _check_local_folder(spec, location)
-    return model_class.from_pretrained(
+    _check_local_folder(spec, location)
+    if fam.native:
+        return model_class.from_pretrained(location)
+    model, info = model_class.from_pretrained(
         str(location),
-        local_files_only=is_local,
+        local_files_only=True,
         attn_implementation="sdpa",
         use_safetensors=True,
         dtype=torch.float32,
+        output_loading_info=True,
         **fam.fixed_overrides,
     )
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = info.get("mismatched_keys") or []
+    if missing or mismatched:
+        shown = ", ".join(map(str, (missing or mismatched)[:5]))
+        raise ValueError(
+            f"Backbone folder {location} lacks weights of the architecture ({len(missing)} missing, "
+            f"{len(mismatched)} of the wrong shape: {shown}); they would be random. Use the complete "
+            "checkpoint folder."
+        )
+    return model
 
 
 def _check_local_folder(spec: BackboneSpec, folder: Path) -> None:
@@ -459,8 +516,16 @@ def _check_local_folder(spec: BackboneSpec, folder: Path) -> None:
             f"Backbone folder {folder} has no *.safetensors weights (pickled .bin files are refused); "
             "convert the checkpoint to safetensors."
         )
-    with config_path.open(encoding="utf-8") as handle:
-        model_type = json.load(handle).get("model_type")
+    if config_path.stat().st_size > 1024 * 1024:
+        raise ValueError(f"Backbone folder {folder}: config.json is larger than 1 MiB; not a model configuration.")
+    try:
+        with config_path.open(encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise ValueError(f"Backbone folder {folder}: config.json is not valid JSON ({str(error)[:200]}).") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"Backbone folder {folder}: config.json is not a JSON object.")
+    model_type = values.get("model_type")
     expected = FAMILIES[spec.family].model_type
     accepted = {expected, "siglip"} if spec.family == "siglip" else {expected}
     if model_type not in accepted:
@@ -468,25 +533,78 @@ def _check_local_folder(spec: BackboneSpec, folder: Path) -> None:
             f"Backbone folder {folder} holds a {model_type!r} model, but family {spec.family!r} needs "
             f"model_type {expected!r}; choose the matching --backbone family or another folder."
         )
+    if spec.family == "siglip" and isinstance(values.get("vision_config"), dict):
+        values = values["vision_config"]  # a full SiGLIP checkpoint: the vision tower's part
+    check_transformers_config(spec, values, where=f"Backbone folder {folder}")
 
 
 def _random_model(spec: BackboneSpec, transformers_config: dict[str, Any] | None) -> nn.Module:
-    config_class, model_class = FAMILIES[spec.family].classes()
+    fam = FAMILIES[spec.family]
+    config_class, model_class = fam.classes()
     if transformers_config is not None:
+        check_transformers_config(spec, transformers_config)  # before anything is allocated
         values = {k: v for k, v in transformers_config.items() if k not in ("transformers_version", "architectures")}
         config = config_class.from_dict(values)
     else:
         config = config_class(**random_init_config_dict(spec))
-    config._attn_implementation = "sdpa"
+    if not fam.native:
+        config._attn_implementation = "sdpa"
     return model_class(config)
+
+
+#: Bounds of the configuration values that size a backbone (a stored or downloaded config.json is checked
+#: against them, and against the spec's size, before any model is built).
+CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
+    "image_size": (8, 4096), "patch_size": (1, 64), "num_channels": (3, 3), "num_register_tokens": (0, 64),
+    "num_frames": (1, 512), "tubelet_size": (1, 8), "mlp_ratio": (1, 16),
+}
+MAX_INTERMEDIATE_RATIO = 16
+
+
+def check_transformers_config(spec: BackboneSpec, values: Any, where: str = "backbone configuration") -> None:
+    """Raise ValueError unless ``values`` (a transformers config as a dict) has the shape of ``spec``'s
+    family and size: model_type, the size's width, depth and heads, and bounded image size, patch
+    size, MLP width, register tokens and frames. Cheap: nothing is built."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} is not a JSON object.")
+    fam = FAMILIES[spec.family]
+    model_type = values.get("model_type")
+    accepted = {fam.model_type, "siglip"} if spec.family == "siglip" else {fam.model_type}
+    if model_type is not None and model_type not in accepted:
+        raise ValueError(f"{where} is a {str(model_type)[:40]!r} model, but family {spec.family!r} needs "
+                         f"model_type {fam.model_type!r}.")
+    expected = fam.sizes[spec.size]
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        value = values.get(key)
+        if value != expected[key] or isinstance(value, bool):
+            raise ValueError(
+                f"Backbone weights have {key}={str(value)[:40]}, but size {spec.size!r} of "
+                f"{spec.family!r} means {key}={expected[key]}; set the size that matches the weights."
+            )
+    for key, (low, high) in CONFIG_BOUNDS.items():
+        value = values.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ValueError(f"{where}: {key}={str(value)[:40]} is outside [{low}, {high}].")
+    intermediate = values.get("intermediate_size")
+    if intermediate is not None:
+        limit = MAX_INTERMEDIATE_RATIO * expected["hidden_size"]
+        if isinstance(intermediate, bool) or not isinstance(intermediate, int) or not 1 <= intermediate <= limit:
+            raise ValueError(f"{where}: intermediate_size={str(intermediate)[:40]} is outside [1, {limit}].")
 
 
 def _check_architecture(spec: BackboneSpec, model: nn.Module) -> None:
     """The model's shape must be the one its spec names (catches a 'base' spec with ViT-L weights)."""
-    expected = FAMILIES[spec.family].sizes[spec.size]
+    fam = FAMILIES[spec.family]
+    expected = fam.sizes[spec.size]
     config = model.config
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
-        if getattr(config, key) != expected[key]:
+
+    def plain(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    for key in fam.shape_keys:
+        if plain(getattr(config, key)) != plain(expected[key]):
             raise ValueError(
                 f"Backbone weights have {key}={getattr(config, key)}, but size {spec.size!r} of "
                 f"{spec.family!r} means {key}={expected[key]}; set the size that matches the weights."

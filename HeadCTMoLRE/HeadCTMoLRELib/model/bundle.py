@@ -8,16 +8,22 @@ Layout of a bundle folder::
                                      (random/tiny backbones, or --bundle-backbone); otherwise the
                                      manifest points at a local Hugging Face folder and its hashes
     model_card.md                    optional, generated after training
+    signature.json                   optional publisher signature (model/signing.py)
 
-``manifest.json`` holds: format name and version; the finding catalog (its rows and version hash);
-preprocessing parameters; the model config (backbone family/size/image size, LoRA and MoLRE
+``manifest.json`` holds: format name and version; the finding catalog (its rows and their hash over
+every field); preprocessing parameters; the model config (backbone family/size/image size, LoRA and MoLRE
 hyper-parameters, use_molre); the backbone's transformers config and where its weights come from
 (with sha256 per file); parameter counts; training provenance and metrics; decision thresholds and
-calibration temperature; and the sha256 of every file of the bundle, checked on load.
+calibration temperature; the sha256 of every file of the bundle; and ``integrity``: the sha256 of the
+canonical JSON of everything else in the manifest, plus one digest per top-level section so that an
+edit can be named.
 
-Only JSON and safetensors are ever read. A bundle that holds pickle-based weight files (.bin, .pt,
-.pth, .pkl, .ckpt) is refused, as is any changed, missing or extra weight file, an unknown format
-version, a catalog whose rows do not match its hash, or preprocessing this code cannot honour.
+What loading guarantees (docs/bundles.md): the manifest is exactly as written by HeadCTMoLRE (any edit
+fails, naming the edited sections); every value is inside the schema (model/manifest_schema.py) before
+anything is built; every listed file is a plain file inside the bundle with its recorded sha256; no
+symlink, pickle-based file (.bin, .pt, .pkl ... in any letter case) or unlisted weight file is present;
+an external backbone folder holds exactly the hashed files. Only JSON and safetensors are ever read;
+nothing is downloaded. A signature (optional) additionally says WHO wrote the bundle.
 """
 
 from __future__ import annotations
@@ -25,24 +31,43 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import shutil
-import tempfile
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import manifest_schema as schema
+from .manifest_schema import PICKLE_SUFFIXES, has_pickle_suffix
+from ..atomic_files import atomic_write_bytes, atomic_write_text, recover_folder, replace_folder, staging_folder
+
 FORMAT_NAME = "headct-molre-bundle"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (2,)
 MANIFEST = "manifest.json"
+SIGNATURE = "signature.json"
 ADAPTERS_FILE = "weights/adapters.safetensors"
 BACKBONE_FILE = "weights/backbone.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+INTEGRITY_ALGORITHM = "sha256 of canonical JSON (sorted keys, no whitespace, UTF-8), without 'integrity'"
+MAX_MANIFEST_BYTES = 32 * 1024 * 1024
+MAX_FILE_BYTES = 64 * 1024 ** 3
 INTENDED_USE = (
     "Research use only. Not a medical device; not for clinical decisions. Outputs must be reviewed "
     "by a qualified reader."
 )
+#: What an edit of each manifest section puts at risk (for the "was edited" message).
+SECTION_MEANING = {
+    "findings": "finding names and order", "thresholds": "decision thresholds", "temperature": "calibration",
+    "preprocessing": "preprocessing", "model": "architecture", "backbone": "backbone and its weights",
+    "files": "file hashes", "training": "training record", "metrics": "reported metrics",
+}
+
+__all__ = ["ADAPTERS_FILE", "BACKBONE_FILE", "Bundle", "BundleError", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST",
+           "PICKLE_SUFFIXES", "backbone_folder_hashes", "build_model", "canonical_json", "describe",
+           "load_bundle", "manifest_digest", "read_manifest", "resolve_backbone_folder", "save_bundle",
+           "seal_manifest", "sha256_file", "update_bundle", "verify_files"]
 
 
 class BundleError(ValueError):
@@ -60,13 +85,15 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
 def backbone_folder_hashes(folder: str | os.PathLike) -> dict[str, str]:
     """sha256 of the files that define a Hugging Face backbone folder (config + safetensors weights).
 
-    Refuses folders whose weights exist only in pickle form (pytorch_model.bin and the like).
+    Refuses folders whose weights exist only in pickle form (pytorch_model.bin and the like), and
+    symlinked or non-regular files among them.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise BundleError(f"backbone folder {folder} does not exist or is not a folder")
-    weights = sorted(folder.glob("*.safetensors"))
-    pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    entries = list(folder.iterdir())
+    weights = sorted(p for p in entries if p.name.lower().endswith(".safetensors"))
+    pickled = [p.name for p in entries if has_pickle_suffix(p.name)]
     if not weights:
         hint = f" (it holds only pickle-based weights: {', '.join(pickled)})" if pickled else ""
         raise BundleError(
@@ -74,14 +101,97 @@ def backbone_folder_hashes(folder: str | os.PathLike) -> dict[str, str]:
             f"files; convert the checkpoint to safetensors (e.g. save_pretrained(..., "
             f"safe_serialization=True)) on a machine you trust."
         )
-    files = [p for p in [folder / "config.json", *weights, folder / "model.safetensors.index.json"] if p.is_file()]
+    files = [p for p in [folder / "config.json", *weights, folder / "model.safetensors.index.json"]
+             if p.exists() or p.is_symlink()]
+    for path in files:
+        if path.is_symlink() or not path.is_file():
+            raise BundleError(f"backbone file {path} is a symbolic link or not a plain file; copy the real "
+                              "files into the backbone folder")
     return {p.name: sha256_file(p) for p in files}
+
+
+# ------------------------------------------------------------------------------------------- integrity
+def canonical_json(value: Any) -> bytes:
+    """The one byte form of a JSON value that digests are taken of (sorted keys, no spaces, UTF-8)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value)).hexdigest()
+
+
+def manifest_digest(manifest: Mapping) -> str:
+    """sha256 of the canonical JSON of the whole manifest except its ``integrity`` entry."""
+    return _digest({k: v for k, v in manifest.items() if k != "integrity"})
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """Set ``manifest["integrity"]`` (whole-manifest digest + one digest per section); returns it."""
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    manifest["integrity"] = {"algorithm": INTEGRITY_ALGORITHM, "manifest_sha256": _digest(body),
+                             "sections": {key: _digest(value) for key, value in body.items()}}
+    return manifest
+
+
+def _check_integrity(manifest_path: Path, manifest: dict) -> None:
+    integrity = manifest.get("integrity")
+    if not isinstance(integrity, dict) or not isinstance(integrity.get("manifest_sha256"), str):
+        raise BundleError(f"{manifest_path} has no integrity record (manifest digest), so edits to it cannot be "
+                          "detected; it was not written by this HeadCTMoLRE. Get a bundle exported by HeadCTMoLRE.")
+    if manifest_digest(manifest) == integrity["manifest_sha256"]:
+        return
+    sections = integrity.get("sections") if isinstance(integrity.get("sections"), dict) else {}
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    changed = [k for k in body if k in sections and sections[k] != _digest(body[k])]
+    added = [k for k in body if k not in sections]
+    removed = [k for k in sections if k not in body]
+    parts = ([f"changed {', '.join(changed)}"] if changed else []) + ([f"added {', '.join(added)}"] if added else []) \
+        + ([f"removed {', '.join(removed)}"] if removed else [])
+    what = "; ".join(parts) if parts else "its integrity record itself was altered"
+    meaning = sorted({SECTION_MEANING[k] for k in changed + added + removed if k in SECTION_MEANING})
+    at_risk = f" ({', '.join(meaning)} cannot be trusted)" if meaning else ""
+    raise BundleError(f"{manifest_path} was edited after it was written: {what}{at_risk}. Do not use a modified "
+                      "bundle; get a fresh copy from its publisher.")
+
+
+def _reject_constant(name: str):
+    raise BundleError(f"holds {name}, which is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BundleError(f"holds the number {text[:40]}, too large for a float")
+    return value
+
+
+def parse_manifest_text(text: str, manifest_path: Path) -> Any:
+    """Strict JSON: no NaN/Infinity, no number that overflows a float, bounded nesting."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except BundleError as error:
+        raise BundleError(f"{manifest_path} {error}; the bundle is damaged or was edited") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, int too long, nesting
+        raise BundleError(f"{manifest_path} is not valid JSON ({str(error)[:200]}); the bundle is damaged") from None
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    """Seal, validate and atomically write (fsync + rename) ``folder/manifest.json``."""
+    seal_manifest(manifest)
+    try:
+        schema.validate_manifest(manifest)
+    except schema.SchemaError as error:
+        raise BundleError(f"refusing to write a manifest that breaks the schema: {error}") from None
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- manifest
 @dataclass
 class Bundle:
-    """A loaded (verified) bundle: its folder, its manifest, and typed views of the manifest."""
+    """A loaded (verified) bundle: its folder, its manifest, and typed views of the manifest.
+
+    ``signature``: a signing.SignatureStatus (signed or not, by which key)."""
 
     path: Path
     manifest: dict
@@ -90,6 +200,7 @@ class Bundle:
     model_config: Any  # model.ModelConfig
     thresholds: dict[str, float] = field(default_factory=dict)
     temperature: float = 1.0
+    signature: Any = None
 
     @property
     def name(self) -> str:
@@ -109,10 +220,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-
-
 # -------------------------------------------------------------------------------------------------- save
 def save_bundle(
     model,
@@ -128,18 +235,23 @@ def save_bundle(
     metrics: Mapping | None = None,
     thresholds: Mapping[str, float] | None = None,
     temperature: float = 1.0,
+    calibration: Mapping | None = None,
     synthetic_training_data: bool | None = None,
     extra_files: Mapping[str, str | bytes] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (a model.HeadCTClassifier) as a bundle folder, atomically.
 
-    The bundle is first written to a temporary sibling folder and renamed into place, so a crash
-    never leaves a half-written bundle at ``out_dir``. ``backbone_weights_dir`` is the local Hugging
-    Face folder the backbone was built from (None for a randomly initialised backbone, which is then
-    always bundled). ``bundle_backbone`` copies the frozen backbone weights into the bundle
-    (default: only when there is no backbone folder). ``extra_files`` maps a relative path (e.g.
-    ``model_card.md``) to text or bytes to include (hashed like the weights).
+    The bundle is written (and fsync'ed) in a hidden staging sibling folder, then put in place by
+    atomic_files.replace_folder (old bundle aside, new one in, old one deleted), so ``out_dir`` is at
+    every moment a complete bundle (old or new) and a crash leaves at most a staging folder that
+    atomic_files.recover_folder cleans up. ``backbone_weights_dir`` is the local Hugging Face folder
+    the backbone was built from (None for a randomly initialised backbone, which is then always
+    bundled). ``bundle_backbone`` copies the frozen backbone weights into the bundle (default: only
+    when there is no backbone folder). ``extra_files`` maps a relative path (e.g. ``model_card.md``)
+    to text or bytes to include (hashed like the weights).
+    ``calibration``: the record of calibration.calibration_record (prior correction, temperature, where it
+    was fitted); its temperature replaces ``temperature``.
     """
     from safetensors.torch import save_file
 
@@ -159,8 +271,9 @@ def save_bundle(
         raise BundleError(
             f"catalog has {len(catalog)} findings but the model's head has {config.num_findings} outputs"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    for rel in extra_files or {}:
+        _check_document_path(rel)
+    staging = staging_folder(out_dir)
     try:
         (staging / "weights").mkdir()
         trainable = {k: v.detach().cpu().contiguous() for k, v in model_lib.trainable_state_dict(model).items()}
@@ -216,18 +329,22 @@ def save_bundle(
             "training": dict(training) if training else None,
             "metrics": dict(metrics) if metrics else None,
             "thresholds": {fid: float((thresholds or {}).get(fid, 0.5)) for fid in catalog.ids},
-            "temperature": float(temperature),
+            "temperature": float(calibration["temperature"] if calibration else temperature),
+            "calibration": dict(calibration) if calibration else None,
             "files": files,
         }
-        _write_json(staging / MANIFEST, manifest)
+        _write_manifest(staging, manifest)
         _make_readable(staging)  # mkdtemp makes 0700; bundles are shared between users and machines
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
+        replace_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def recover_interrupted_save(out_dir: str | os.PathLike) -> list[Path]:
+    """Clean up after a save_bundle that a crash interrupted (see atomic_files.recover_folder)."""
+    return recover_folder(out_dir)
 
 
 def _make_readable(folder: Path) -> None:
@@ -249,20 +366,32 @@ def _software_versions() -> dict:
     return versions
 
 
+def _check_document_path(rel: str) -> None:
+    try:
+        schema.bundle_path(rel, "extra file")
+    except schema.SchemaError as error:
+        raise BundleError(f"cannot write {rel} into a bundle: {error.problem}") from None
+    if rel.lower().endswith(".safetensors"):
+        raise BundleError(f"cannot write {rel}: weights and the manifest are not documents")
+
+
 def update_bundle(
     path: str | os.PathLike,
     *,
     thresholds: Mapping[str, float] | None = None,
     temperature: float | None = None,
+    calibration: Mapping | None = None,
     metrics: Mapping | None = None,
     training: Mapping | None = None,
     extra_files: Mapping[str, str | bytes] | None = None,
 ) -> Path:
     """Write calibration, metrics, provenance or documents (e.g. model_card.md) back into a bundle.
 
-    The bundle is verified first; the weights are never touched. Extra files are (re)written and
-    hashed into the manifest; the manifest is replaced atomically. Thresholds may name a subset of
-    findings (others keep theirs) but no finding outside the catalog.
+    The bundle is verified first; the weights are never touched. Extra files are (re)written
+    atomically and hashed into the manifest; the manifest is re-sealed, checked against the schema and
+    replaced atomically. Thresholds may name a subset of findings (others keep theirs) but no finding
+    outside the catalog. A publisher signature no longer matches the changed manifest, so it is removed
+    (sign the bundle again).
     """
     folder = Path(path).expanduser().resolve()
     manifest = read_manifest(folder)
@@ -276,99 +405,161 @@ def update_bundle(
         merged.update({fid: float(value) for fid, value in thresholds.items()})
         manifest["thresholds"] = {fid: float(merged.get(fid, 0.5)) for fid in ids}
     if temperature is not None:
-        if not temperature > 0:
-            raise BundleError(f"temperature must be positive, got {temperature}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise BundleError(f"temperature must be a finite positive number, got {temperature}")
         manifest["temperature"] = float(temperature)
+    if calibration is not None:  # calibration.calibration_record(...): its temperature is the bundle's
+        manifest["calibration"] = dict(calibration)
+        manifest["temperature"] = float(calibration["temperature"])
     if metrics is not None:
         manifest["metrics"] = {**(manifest.get("metrics") or {}), **dict(metrics)}
     if training is not None:
         manifest["training"] = {**(manifest.get("training") or {}), **dict(training)}
-    for rel, content in (extra_files or {}).items():
-        if rel == MANIFEST or rel.endswith(".safetensors") or Path(rel).suffix in PICKLE_SUFFIXES:
-            raise BundleError(f"update_bundle cannot write {rel}; weights and the manifest are not documents")
-        target = folder / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-        os.chmod(target, 0o644)
-        manifest["files"][rel] = sha256_file(target)
+    for rel in extra_files or {}:
+        _check_document_path(rel)
     manifest["updated"] = _now()
-    staging = folder / f".{MANIFEST}.tmp"
-    _write_json(staging, manifest)
-    os.chmod(staging, 0o644)
-    os.replace(staging, folder / MANIFEST)
+    documents = {rel: content if isinstance(content, bytes) else content.encode("utf-8")
+                 for rel, content in (extra_files or {}).items()}
+    for rel, data in documents.items():
+        manifest["files"][rel] = hashlib.sha256(data).hexdigest()
+    seal_manifest(manifest)
+    try:
+        schema.validate_manifest(manifest)  # before anything is written
+    except schema.SchemaError as error:
+        raise BundleError(f"{folder}: refusing the update, it would break the manifest schema: {error}") from None
+    for rel, data in documents.items():
+        target = folder / rel
+        _refuse_link_on_the_way(folder, target)
+        atomic_write_bytes(target, data)
+    (folder / SIGNATURE).unlink(missing_ok=True)
+    _write_manifest(folder, manifest)
     return folder
+
+
+def _refuse_link_on_the_way(folder: Path, target: Path) -> None:
+    current = target
+    while current != folder:
+        if current.is_symlink():
+            raise BundleError(f"{folder}: {current.relative_to(folder)} is a symbolic link; refusing to write through it")
+        current = current.parent
 
 
 # -------------------------------------------------------------------------------------------------- load
 def read_manifest(path: str | os.PathLike) -> dict:
-    """Read and structurally check a bundle's manifest (no hashing, no torch): for `info` and lists."""
+    """Read a bundle's manifest and check it fully without torch or hashing weights (for `info` and
+    model lists): strict JSON, format and version, the manifest digest (any edit is refused, naming
+    the edited sections) and the schema (types, ranges, known keys, file paths inside the bundle)."""
     folder = Path(path)
     manifest_path = folder / MANIFEST
     if not folder.is_dir():
         raise BundleError(f"model bundle {folder} does not exist or is not a folder")
+    if manifest_path.is_symlink() or (manifest_path.exists() and not manifest_path.is_file()):
+        raise BundleError(f"{manifest_path} is a symbolic link or not a plain file; the bundle was altered")
     if not manifest_path.is_file():
         raise BundleError(
             f"{folder} is not a HeadCTMoLRE model bundle: it has no {MANIFEST}. Create one with "
             f"`headct-molre new-model` or `headct-molre train`."
         )
+    size = manifest_path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{manifest_path} is {size:,} bytes, more than a manifest can be "
+                          f"({MAX_MANIFEST_BYTES:,}); the bundle is damaged")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BundleError(f"{manifest_path} is not valid JSON ({error}); the bundle is damaged") from error
+        text = manifest_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise BundleError(f"{manifest_path} is not UTF-8 text ({error}); the bundle is damaged") from None
+    manifest = parse_manifest_text(text, manifest_path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise BundleError(f"{manifest_path} is not a {FORMAT_NAME} manifest (format = {manifest.get('format')!r})")
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{manifest_path} is not a {FORMAT_NAME} manifest (format = {str(found)[:60]!r})")
     version = manifest.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
+    if version not in SUPPORTED_FORMAT_VERSIONS or isinstance(version, bool):
+        older = isinstance(version, int) and not isinstance(version, bool) and version < min(SUPPORTED_FORMAT_VERSIONS)
         raise BundleError(
-            f"{folder}: bundle format version {version!r} is not supported by this HeadCTMoLRE "
-            f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); update HeadCTMoLRE or re-export the model"
+            f"{folder}: bundle format version {str(version)[:20]} is not supported by this HeadCTMoLRE "
+            f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); "
+            + ("it predates manifest integrity checks: re-export the model with this HeadCTMoLRE"
+               if older else "update HeadCTMoLRE or re-export the model")
         )
-    for key in ("findings", "preprocessing", "model", "backbone", "files"):
-        if key not in manifest:
-            raise BundleError(f"{manifest_path} lacks the required entry '{key}'; the bundle is damaged")
+    _check_integrity(manifest_path, manifest)
+    try:
+        schema.validate_manifest(manifest)
+    except schema.SchemaError as error:
+        raise BundleError(f"{manifest_path}: {error}. The bundle cannot be used; get one exported by "
+                          "HeadCTMoLRE") from None
     return manifest
 
 
+def plain_entries(folder: Path, link_advice: str = "a bundle holds plain files only (copy the files themselves, "
+                                                   "or get a fresh copy)"):
+    """Every entry below ``folder``, never following links: (path, relative posix name, lstat), folders
+    and plain files only; a symbolic link (``link_advice`` says what to do) or special file is a BundleError."""
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in sorted(dirs + files):
+            entry = Path(root) / name
+            info = entry.lstat()
+            rel = entry.relative_to(folder).as_posix()
+            if stat.S_ISLNK(info.st_mode):
+                raise BundleError(f"{folder}: {rel} is a symbolic link; {link_advice}")
+            if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+                raise BundleError(f"{folder}: {rel} is not a plain file or folder; refused")
+            yield entry, rel, info
+
+
 def verify_files(folder: Path, manifest: dict) -> None:
-    """Check every listed file's sha256, and that no unlisted weight or pickle file is present."""
+    """Check the bundle's files: no symlink or special file anywhere, no pickle-based file (any letter
+    case), no unlisted weight file, and every listed file a plain file inside the bundle whose sha256
+    matches. Cheap checks come first; files are hashed last."""
+    folder = Path(folder).resolve()
     listed = manifest["files"]
-    for rel, expected in listed.items():
+    for entry, rel, info in plain_entries(folder):
+        if stat.S_ISDIR(info.st_mode):
+            continue
+        if has_pickle_suffix(rel):
+            raise BundleError(
+                f"{folder}: {rel} is a pickle-based file; HeadCTMoLRE never loads pickle files (they can run "
+                f"code). Remove it or use a bundle that holds safetensors only."
+            )
+        if rel.lower().endswith(".safetensors") and rel not in listed:
+            raise BundleError(f"{folder}: weight file {rel} is not listed in the manifest; the bundle was altered")
+    sizes = {}
+    for rel in listed:
+        try:
+            schema.bundle_path(rel, "files")
+        except schema.SchemaError as error:
+            raise BundleError(f"{folder}: manifest file entry {rel[:100]!r}: {error.problem}") from None
         path = folder / rel
-        if not path.is_file():
+        resolved = path.resolve()
+        if folder not in resolved.parents:
+            raise BundleError(f"{folder}: file {rel} resolves outside the bundle; refused")
+        if not path.is_file() or path.is_symlink():
             raise BundleError(f"{folder}: file {rel} listed in the manifest is missing; the bundle is incomplete")
-        actual = sha256_file(path)
+        sizes[rel] = path.stat().st_size
+        if sizes[rel] > MAX_FILE_BYTES:
+            raise BundleError(f"{folder}: file {rel} is {sizes[rel]:,} bytes, more than any bundle file may be")
+    for rel, expected in listed.items():
+        actual = sha256_file(folder / rel)
         if actual != expected:
             raise BundleError(
                 f"{folder}: file {rel} has changed (sha256 {actual[:12]}... but the manifest says "
                 f"{expected[:12]}...). Do not use a modified bundle; get a fresh copy."
             )
-    for path in folder.rglob("*"):
-        if not path.is_file():
-            continue
-        rel = path.relative_to(folder).as_posix()
-        if path.suffix in PICKLE_SUFFIXES:
-            raise BundleError(
-                f"{folder}: {rel} is a pickle-based file; HeadCTMoLRE never loads pickle files (they can run "
-                f"code). Remove it or use a bundle that holds safetensors only."
-            )
-        if path.suffix == ".safetensors" and rel not in listed:
-            raise BundleError(f"{folder}: weight file {rel} is not listed in the manifest; the bundle was altered")
 
 
 def _typed_views(folder: Path, manifest: dict):
     from ..findings import CatalogError, FindingCatalog
+    from .backbones import check_transformers_config
     from .classifier import ModelConfig
     from ..ct.preprocess import PreprocessConfig
 
     try:
         catalog = FindingCatalog.from_dict(manifest["findings"])
     except (CatalogError, KeyError, TypeError, ValueError) as error:
-        raise BundleError(f"{folder}: its finding catalog cannot be used: {error}") from error
-    stated = manifest["findings"].get("version")
-    if stated and stated != catalog.version:
+        raise BundleError(f"{folder}: its finding catalog cannot be used: {error}") from None
+    if manifest["findings"].get("version") != catalog.version:
         raise BundleError(
             f"{folder}: its finding catalog does not match its recorded version hash "
-            f"({catalog.version[:12]} != {stated[:12]}); the manifest was edited"
+            f"({catalog.version[:12]} != {str(manifest['findings'].get('version'))[:12]}); the manifest was edited"
         )
     try:
         preprocessing = PreprocessConfig.from_dict(manifest["preprocessing"])
@@ -376,15 +567,19 @@ def _typed_views(folder: Path, manifest: dict):
         raise BundleError(
             f"{folder}: its preprocessing cannot be honoured by this HeadCTMoLRE ({error}); "
             f"update HeadCTMoLRE or retrain the model"
-        ) from error
+        ) from None
     try:
         model_config = ModelConfig.from_dict(manifest["model"])
     except (KeyError, TypeError, ValueError) as error:
-        raise BundleError(f"{folder}: its model configuration cannot be used ({error})") from error
+        raise BundleError(f"{folder}: its model configuration cannot be used ({error})") from None
     if model_config.num_findings != len(catalog):
         raise BundleError(
             f"{folder}: the model predicts {model_config.num_findings} findings but the catalog lists {len(catalog)}"
         )
+    try:
+        check_transformers_config(model_config.backbone, manifest["backbone"]["transformers_config"])
+    except ValueError as error:
+        raise BundleError(f"{folder}: its backbone configuration cannot be built: {error}") from None
     thresholds = {fid: float(v) for fid, v in (manifest.get("thresholds") or {}).items()}
     unknown = sorted(set(thresholds) - set(catalog.ids))
     if unknown:
@@ -392,13 +587,21 @@ def _typed_views(folder: Path, manifest: dict):
     return catalog, preprocessing, model_config, thresholds
 
 
-def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
-    """Read, verify (hashes, format, catalog, preprocessing) and describe a bundle; loads no weights."""
+def load_bundle(path: str | os.PathLike, *, verify: bool = True, trusted_keys: Mapping | None = None) -> Bundle:
+    """Read, verify (manifest digest and schema, file hashes, paths, catalog, preprocessing, backbone
+    config, signature when present) and describe a bundle; loads no weights. Every refusal is a
+    BundleError with a message. ``trusted_keys`` (signing.read_trusted_keys) marks the signer trusted."""
     folder = Path(path).expanduser().resolve()
-    manifest = read_manifest(folder)
-    if verify:
-        verify_files(folder, manifest)
-    catalog, preprocessing, model_config, thresholds = _typed_views(folder, manifest)
+    try:
+        manifest = read_manifest(folder)
+        if verify:
+            verify_files(folder, manifest)
+        catalog, preprocessing, model_config, thresholds = _typed_views(folder, manifest)
+        signature = _signature_status(folder, manifest, trusted_keys)
+    except BundleError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError, MemoryError) as error:
+        raise BundleError(f"{folder}: the bundle cannot be read ({type(error).__name__}: {str(error)[:300]})") from None
     return Bundle(
         path=folder,
         manifest=manifest,
@@ -406,22 +609,40 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         preprocessing=preprocessing,
         model_config=model_config,
         thresholds=thresholds,
-        temperature=float(manifest.get("temperature", 1.0)),
+        temperature=float(manifest["temperature"]),
+        signature=signature,
     )
 
 
+def _signature_status(folder: Path, manifest: dict, trusted_keys: Mapping | None):
+    from .signing import SignatureError, SignatureStatus, check_signature
+
+    if not (folder / SIGNATURE).exists() and not (folder / SIGNATURE).is_symlink():
+        return SignatureStatus(signed=False, trusted=False if trusted_keys is not None else None)
+    try:
+        return check_signature(folder, manifest["integrity"]["manifest_sha256"], trusted_keys)
+    except SignatureError as error:
+        raise BundleError(f"{folder}: {error}") from None
+
+
 def resolve_backbone_folder(bundle: Bundle, override: str | os.PathLike | None = None) -> Path | None:
-    """The local folder of an external backbone, checked against the manifest's hashes (None if bundled)."""
+    """The local folder of an external backbone, checked against the manifest's hashes (None if bundled):
+    the folder must hold exactly the hashed files (config.json, safetensors weights, index), each with
+    its recorded sha256; an empty hash list is refused."""
     weights = bundle.manifest["backbone"].get("weights", {})
     if weights.get("kind") == "bundled":
         return None
-    folder = Path(override or weights.get("folder", "")).expanduser()
-    if not folder.is_dir():
-        raise BundleError(
-            f"{bundle.path}: its backbone weights live in {weights.get('folder')}, which does not exist on this "
-            f"machine. Pass the folder holding the same backbone (e.g. --backbone-path DIR)."
-        )
     expected = weights.get("sha256") or {}
+    if weights.get("kind") != "external" or not expected:
+        raise BundleError(f"{bundle.path}: its external backbone has no recorded file hashes, so its weights cannot "
+                          "be checked; refused (re-export the model with this HeadCTMoLRE)")
+    recorded = str(weights.get("folder") or "")
+    folder = Path(override or recorded).expanduser()
+    if not (override or recorded) or not folder.is_dir():
+        raise BundleError(
+            f"{bundle.path}: its backbone weights live in {recorded or '(no folder recorded)'}, which does not "
+            f"exist on this machine. Pass the folder holding the same backbone (e.g. --backbone-path DIR)."
+        )
     actual = backbone_folder_hashes(folder)
     for name, digest in expected.items():
         if actual.get(name) != digest:
@@ -430,41 +651,49 @@ def resolve_backbone_folder(bundle: Bundle, override: str | os.PathLike | None =
                 f"({'missing' if name not in actual else 'different sha256'}); this is not the backbone the "
                 f"model was trained on"
             )
-    return folder
+    extra = sorted(set(actual) - set(expected))
+    if extra:
+        raise BundleError(f"{bundle.path}: backbone folder {folder} holds files the bundle does not list "
+                          f"({', '.join(extra[:5])}); this is not exactly the backbone the model was trained on")
+    return folder.resolve()
 
 
 def build_model(bundle: Bundle, *, backbone_folder: str | os.PathLike | None = None):
-    """Rebuild the classifier of a verified bundle with its weights loaded (on the CPU, eval mode)."""
+    """Rebuild the classifier of a verified bundle with its weights loaded (on the CPU, eval mode).
+
+    The architecture comes only from the checked manifest (never from a hub id); an external backbone
+    is loaded from its hash-checked folder with every weight present (none silently random)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from . import classifier as model_lib
 
     folder = resolve_backbone_folder(bundle, backbone_folder)
-    adapters = load_file(str(bundle.path / ADAPTERS_FILE))
-    if folder is None:
-        # rebuild the exact architecture from the stored transformers config (never from spec.source)
-        classifier = model_lib.build_classifier(
-            bundle.model_config,
-            backbone_transformers_config=bundle.manifest["backbone"].get("transformers_config"),
-        )
-        state = load_file(str(bundle.path / BACKBONE_FILE))
-        state.update(adapters)
-        try:
+    try:
+        adapters = load_file(str(bundle.path / ADAPTERS_FILE))
+        if folder is None:
+            # rebuild the exact architecture from the stored transformers config (never from spec.source)
+            classifier = model_lib.build_classifier(
+                bundle.model_config,
+                backbone_transformers_config=bundle.manifest["backbone"]["transformers_config"],
+            )
+            state = load_file(str(bundle.path / BACKBONE_FILE))
+            state.update(adapters)
             model_lib.load_full_state_dict(classifier, state)
-        except (RuntimeError, KeyError, ValueError) as error:
-            raise BundleError(f"{bundle.path}: weights do not fit the model described by its manifest: {error}") from error
-    else:
-        classifier = model_lib.build_classifier(bundle.model_config, backbone_weights_dir=folder)
-        try:
+        else:
+            classifier = model_lib.build_classifier(bundle.model_config, backbone_weights_dir=folder)
             model_lib.load_trainable_state_dict(classifier, adapters)
-        except (RuntimeError, KeyError, ValueError) as error:
-            raise BundleError(f"{bundle.path}: adapter weights do not fit its backbone: {error}") from error
+    except BundleError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError, OSError, SafetensorError) as error:
+        raise BundleError(f"{bundle.path}: weights do not fit the model described by its manifest: "
+                          f"{str(error)[:500]}") from None
     classifier.eval()
     return classifier
 
 
-def describe(manifest: Mapping) -> str:
-    """A human description of a manifest for `headct-molre info`."""
+def describe(manifest: Mapping, signature=None) -> str:
+    """A human description of a manifest for `headct-molre info` (``signature``: a signing.SignatureStatus)."""
     model_cfg = manifest["model"]
     backbone = model_cfg.get("backbone", {})
     lora = backbone.get("lora", {})
@@ -508,4 +737,9 @@ def describe(manifest: Mapping) -> str:
     if metrics:
         lines.append("Metrics: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if not isinstance(v, (dict, list))))
     lines.append("Files: " + ", ".join(f"{rel} ({digest[:10]})" for rel, digest in manifest["files"].items()))
+    integrity = manifest.get("integrity") or {}
+    lines.append(f"Integrity: manifest digest {str(integrity.get('manifest_sha256', ''))[:16]} (covers every entry "
+                 "above and every file's sha256)")
+    if signature is not None:
+        lines.append(f"Signature: {signature.describe()}")
     return "\n".join(line for line in lines if line)

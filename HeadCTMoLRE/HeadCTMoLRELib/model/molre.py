@@ -13,8 +13,9 @@ Trainable parameters: K (2r + 1) d + (d + 1) d_h + (d_h + 1) K, which with K=6, 
 paper's 0.28 M (d=768), 0.37 M (d=1024) and 0.41 M (d=1152).
 
 The paper describes no load-balancing loss; a soft router without one can collapse onto one expert,
-so `router_entropy` and `expert_usage` are provided for logging and `load_balance_loss` as an
-optional auxiliary term (weight 0 by default).
+so `router_entropy` and `expert_usage` are provided for logging and `load_balance_loss` (a balance of
+the mean expert usage over a batch) as an optional auxiliary term, weighted by
+``MoLREConfig.load_balance_weight`` (0 by default, as in the paper; training.train adds it to the loss).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from ..settings import reject_unknown_settings
 
 @dataclass(frozen=True)
 class MoLREConfig:
-    """Hyper-parameters of a MoLRE layer (paper: K=6 experts, rank 8, router hidden 256)."""
+    """Hyper-parameters of a MoLRE layer (paper: K=6 experts, rank 8, router hidden 256) and the weight
+    of its load-balancing term in training (see `load_balance_loss`; 0 = none, the paper's default)."""
 
     num_experts: int = 6
     rank: int = 8
@@ -161,16 +163,17 @@ def router_entropy(router_weights: torch.Tensor, mask: torch.Tensor | None = Non
 
 
 def load_balance_loss(router_weights: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch-Transformer style balance loss K * sum_i f_i * P_i over valid positions.
+    """Balance of the MEAN expert usage over a batch: K * sum_i P_i^2 over valid positions.
 
-    P_i is the mean gate of expert i (differentiable), f_i the fraction of positions whose top expert
-    is i (a constant). Equals 1 when routing is balanced and grows to K when one expert takes all.
+    P_i is the mean gate of expert i over every valid slice of the batch. The term is 1 when the
+    experts are used equally on average and K when one expert takes everything; it constrains only the
+    batch mean, so each slice may still route sharply to the expert of its region (the per-slice
+    specialisation a soft router is for), unlike a per-slice entropy bonus. Fully differentiable (no
+    argmax). Weight ``MoLREConfig.load_balance_weight`` (0 = the paper's unsupervised routing).
     """
     gates = _valid_router_weights(router_weights, mask)
-    num_experts = gates.shape[-1]
     mean_gate = gates.mean(dim=0)
-    top_fraction = F.one_hot(gates.argmax(dim=-1), num_experts).float().mean(dim=0)
-    return num_experts * (top_fraction.detach() * mean_gate).sum()
+    return gates.shape[-1] * (mean_gate * mean_gate).sum()
 
 
 def max_router_entropy(num_experts: int) -> float:

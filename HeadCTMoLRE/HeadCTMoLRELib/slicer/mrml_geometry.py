@@ -13,12 +13,16 @@ temporary copy (Slicer resamples the voxels through it), so the model never sees
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
 
 from ..ct import checks as ct_checks
+from ..ct.dicom_series import DicomSeries, read_header, series_warnings
+from ..ct.dicom_volume import orthogonal_image
 from ..ct.loader import CTVolume
 
 __all__ = ["LPS_TO_RAS", "ijk_to_ras_from_image", "volume_node_from_image", "image_from_volume_node",
@@ -144,12 +148,30 @@ def image_from_volume_node(node) -> sitk.Image:
         scene.RemoveNode(copy)
 
 
-def ct_volume_from_node(node) -> CTVolume:
-    """A head CT from a Slicer volume node, checked exactly as ``ctio.load_ct`` checks files.
+def _dicom_warnings(node) -> list[str]:
+    """Header warnings (contrast, lossy compression, RescaleType) for a node loaded by Slicer's DICOM
+    plugin: its "DICOM.instanceUIDs" attribute names the instances, the DICOM database their files; the
+    headers go through the same ``dicom_series`` checks as files loaded by ``load_ct``."""
+    uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(slicer, "dicomDatabase", None)
+    if not uids or database is None:
+        return []
+    paths = [Path(p) for p in (database.fileForInstance(uid) for uid in uids[:1] + uids[-1:]) if p]
+    headers = [read_header(path) for path in paths if path.is_file()]
+    slices = [h for found in headers if not isinstance(found, str) for h in found]
+    if not slices:
+        return []
+    return [w for w in series_warnings(DicomSeries(uid=slices[0].series_instance_uid, slices=slices))
+            if not w.startswith("slice orientations differ")]
 
-    Returns a ctio.CTVolume: float32 HU, world LPS geometry (parent transforms applied), voxels below
-    -1024 HU set to air. Raises ctio.CTInputError naming the node when the grid or values cannot be a
-    head CT in HU.
+
+def ct_volume_from_node(node) -> CTVolume:
+    """A head CT from a Slicer volume node, checked exactly as ``load_ct`` checks files.
+
+    Returns a CTVolume: float32 HU, world LPS geometry (parent transforms applied) on an orthogonal grid
+    (a sheared grid is resampled, as for files), NaN/inf voxels set to air with a warning, voxels below
+    -1024 HU set to air; contrast / lossy / RescaleType warnings when the node came from Slicer's DICOM
+    plugin. Raises CTInputError naming the node when the grid or values cannot be a head CT in HU.
     """
     if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
         kind = "nothing" if node is None else node.GetClassName()
@@ -162,14 +184,9 @@ def ct_volume_from_node(node) -> CTVolume:
                      + ("to the geometry" if linear else "by resampling (non-linear, e.g. gantry-tilt correction)"))
     raw = image_from_volume_node(node)
     warnings = ct_checks.check_grid(name, raw.GetSize(), raw.GetSpacing(), raw.GetDirection())
-    hu = sitk.GetArrayFromImage(raw).astype(np.float32)
-    ct_checks.check_finite(name, hu)
-    ct_checks.check_hu_plausible(name, hu, None)
-    clamped = ct_checks.clamp_to_air(hu)
-    if clamped:
-        notes.append(f"{clamped} voxels below {ct_checks.AIR_HU:g} HU (outside-field-of-view padding) set to air")
-    image = sitk.GetImageFromArray(hu)
-    image.CopyInformation(raw)
+    grid, sheared = orthogonal_image(sitk.Cast(raw, sitk.sitkFloat32), name)
+    image, value_warnings, value_notes = ct_checks.checked_values(name, grid, None)
     provenance = {"format": "slicer", "node_name": node.GetName(), "node_id": node.GetID(),
                   "stored_pixel_type": sitk.GetPixelIDValueAsString(raw.GetPixelID()), "hu_offset": None}
-    return CTVolume(image=image, warnings=warnings, notes=notes, provenance=provenance)
+    return CTVolume(image=image, warnings=warnings + sheared + value_warnings + _dicom_warnings(node),
+                    notes=notes + value_notes, provenance=provenance)

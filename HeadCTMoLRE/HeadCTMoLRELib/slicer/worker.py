@@ -27,6 +27,7 @@ with exactly the maps the worker computed.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import queue
@@ -45,6 +46,8 @@ RESULT_JSON = "prediction_maps.json"
 HEAD_MASK_NRRD = "head_mask.nrrd"
 INPUT_NRRD = "input.nrrd"
 CANCEL_TIMEOUT_S = 2.0
+STAGING_PREFIX = ".partial-"
+MAX_REQUEST_BYTES = 1 << 20  # a request is a few hundred bytes; longer lines are refused, not parsed
 
 
 class WorkerError(RuntimeError):
@@ -181,7 +184,6 @@ def fine_tune_bundle(cases_csv, start_model, epochs: int, output, *, progress: C
     "history", "problems"}; "bundle" is None when no epoch finished (e.g. cancelled at once).
     """
     import dataclasses
-    import shutil
 
     from ..training import train
 
@@ -199,17 +201,53 @@ def fine_tune_bundle(cases_csv, start_model, epochs: int, output, *, progress: C
             fraction = 1.0
         progress(str(details.get("stage", "train")), fraction, _jsonable(details))
 
+    if output.exists():
+        raise FileExistsError(f"{output} already exists; choose another name for the fine-tuned model.")
     result = train.fine_tune(str(cases_csv), str(start_model), run_dir, config, cache_dir=cache_dir,
                              progress=on_progress, should_stop=should_stop)
     bundle_path = None
     if result.bundle_path is not None:
-        if output.exists():
-            shutil.rmtree(output)
-        shutil.copytree(result.bundle_path, output)
-        bundle_path = str(output.resolve())
+        bundle_path = str(publish_bundle(result.bundle_path, output).resolve())
     return {"bundle": bundle_path, "status": result.status, "epochs_run": result.epochs_run,
             "best_epoch": result.best_epoch, "best_val_mean_auc": result.best_val_mean_auc,
             "history": _jsonable(result.history), "problems": _jsonable(result.problems)}
+
+
+def staging_folder(output: str | os.PathLike) -> Path:
+    """The hidden sibling a bundle is copied into before it is renamed to ``output`` (one per process)."""
+    output = Path(output)
+    return output.with_name(f"{STAGING_PREFIX}{output.name}.{os.getpid()}")
+
+
+def publish_bundle(source: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Copy the bundle folder ``source`` to ``output`` atomically: into ``staging_folder(output)``, then one
+    rename. A kill during the copy leaves no ``output`` (only the hidden staging folder, which
+    ``remove_staging`` deletes); ``output`` must not exist."""
+    import shutil
+
+    output = Path(output)
+    staging = staging_folder(output)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(source, staging)
+        os.rename(staging, output)  # fails (never merges) when output appeared meanwhile
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def remove_staging(output: str | os.PathLike) -> list[Path]:
+    """Delete every staging folder ``publish_bundle`` may have left for ``output`` (a killed worker's)."""
+    import shutil
+
+    output = Path(output)
+    removed = []
+    for path in output.parent.glob(f"{STAGING_PREFIX}{glob.escape(output.name)}.*"):
+        if path.is_dir() and path.name[len(STAGING_PREFIX) + len(output.name) + 1:].isdigit():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _jsonable(value):
@@ -281,18 +319,55 @@ def _protocol_stdout():
     return protocol
 
 
+def parse_request(raw: bytes) -> dict:
+    """One stdin line -> a request dict, or WorkerError saying why the line is not a request.
+
+    Any bytes are survivable: invalid UTF-8, invalid or deeply nested JSON, JSON that is not an object, a
+    ``cmd`` that is not a string and over-long lines are refused with a message, never a crash."""
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise WorkerError(f"request line of {len(raw)} bytes refused (at most {MAX_REQUEST_BYTES}).")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise WorkerError(f"not a JSON request: the line is not UTF-8 text ({error}).") from None
+    try:
+        request = json.loads(text)
+    except RecursionError:
+        raise WorkerError("not a JSON request: nested too deeply to be a request.") from None
+    except ValueError as error:  # JSONDecodeError, and out-of-range numbers
+        raise WorkerError(f"not a JSON request: {error}.") from None
+    if not isinstance(request, dict):
+        raise WorkerError(f"a request must be a JSON object with a 'cmd', got a JSON {type(request).__name__}.")
+    if not isinstance(request.get("cmd"), str):
+        raise WorkerError("a request needs a 'cmd' string (ping, infer, fine_tune, sleep or shutdown).")
+    rid = request.get("id")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+        raise WorkerError(f"a request 'id' must be a string or an integer, got a JSON {type(rid).__name__}.")
+    return request
+
+
+def _request_id(raw: bytes):
+    """The id of a refused line when it has a readable one (so the sender's job hears about it)."""
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    rid = value.get("id") if isinstance(value, dict) else None
+    return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+
+
 def main() -> int:
     server = _Server(_protocol_stdout())
     server.send({"id": None, "type": "ready", "pid": os.getpid()})
-    for line in sys.stdin:
-        line = line.strip()
-        if not line:
+    for raw in sys.stdin.buffer:
+        raw = raw.strip()
+        if not raw:
             continue
         try:
-            request = json.loads(line)
-        except json.JSONDecodeError as error:
-            server.send({"id": None, "type": "error", "message": f"not a JSON request: {error}",
-                         "error_type": "JSONDecodeError"})
+            request = parse_request(raw)
+        except WorkerError as error:
+            server.send({"id": _request_id(raw) if len(raw) <= MAX_REQUEST_BYTES else None, "type": "error",
+                         "message": str(error), "error_type": "RequestError"})
             continue
         if not server.handle(request):
             break
@@ -325,11 +400,17 @@ class WorkerClient:
     """The GUI side of the worker: start, send requests, poll messages without blocking, cancel.
 
     Messages are dicts as documented above; stderr lines arrive as {"type": "log", "stream": "stderr"}.
+    Messages are routed by request id: ``poll(request_id)`` returns that request's messages (plus those
+    addressed to no request) and leaves every other request's messages queued for its own poll, so jobs
+    sharing the process never lose each other's results. ``exit_status`` is set once the process ended.
     """
 
     def __init__(self):
         self.process: subprocess.Popen | None = None
-        self.messages: "queue.Queue[dict]" = queue.Queue()
+        self.messages: "queue.Queue[dict]" = queue.Queue()  # filled by the reader threads
+        self.exit_status: int | None = None
+        self._mailboxes: dict[Any, list[dict]] = {}
+        self._route_lock = threading.Lock()
         self._next_id = 1
         self._threads: list[threading.Thread] = []
 
@@ -341,7 +422,7 @@ class WorkerClient:
         self.process = subprocess.Popen(
             [python_executable or default_python_executable(), "-m", "HeadCTMoLRELib.slicer.worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment,
-            text=True, encoding="utf-8", bufsize=1)
+            text=True, encoding="utf-8", errors="replace", bufsize=1, creationflags=no_console_window_flags())
         for stream, reader in ((self.process.stdout, self._read_protocol), (self.process.stderr, self._read_stderr)):
             thread = threading.Thread(target=reader, args=(stream,), daemon=True)
             thread.start()
@@ -354,9 +435,12 @@ class WorkerClient:
             if not line:
                 continue
             try:
-                self.messages.put(json.loads(line))
-            except json.JSONDecodeError:
-                self.messages.put({"id": None, "type": "log", "stream": "stdout", "message": line})
+                message = json.loads(line)
+            except (ValueError, RecursionError):
+                message = None
+            if not isinstance(message, dict):
+                message = {"id": None, "type": "log", "stream": "stdout", "message": line[:2000]}
+            self.messages.put(message)
         self.messages.put({"id": None, "type": "exit", "returncode": self.process.wait() if self.process else None})
 
     def _read_stderr(self, stream) -> None:
@@ -379,31 +463,52 @@ class WorkerClient:
         self.process.stdin.flush()
         return request["id"]
 
-    def poll(self) -> list[dict]:
-        """Every message received since the last call; never blocks."""
-        out = []
+    def _route(self) -> None:
+        """Move what the reader threads received into one mailbox per request id (None: no request)."""
         while True:
             try:
-                out.append(self.messages.get_nowait())
+                message = self.messages.get_nowait()
             except queue.Empty:
+                return
+            rid = message.get("id")
+            if isinstance(rid, (dict, list)):  # not a request id this client sent
+                rid = None
+            if message.get("type") == "exit":
+                self.exit_status = message.get("returncode")
+            self._mailboxes.setdefault(rid, []).append(message)
+
+    def poll(self, request_id: Any = None) -> list[dict]:
+        """Messages received since the last call (never blocks): those of ``request_id`` and those addressed
+        to no request; with no ``request_id`` every queued message."""
+        with self._route_lock:
+            self._route()
+            if request_id is None:
+                out = [m for box in self._mailboxes.values() for m in box]
+                self._mailboxes.clear()
                 return out
+            return self._mailboxes.pop(request_id, []) + self._mailboxes.pop(None, [])
+
+    def forget(self, request_id: Any) -> None:
+        """Drop whatever is still queued for a finished request."""
+        with self._route_lock:
+            self._mailboxes.pop(request_id, None)
 
     def wait_for(self, request_id, timeout_s: float = 600.0) -> tuple[dict, list[dict]]:
-        """Block until ``request_id`` ends (tests and batch): returns (final message, all messages seen)."""
+        """Block until ``request_id`` ends (tests and batch): returns (final message, its messages seen).
+        Other requests' messages stay queued for them."""
         seen = []
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            try:
-                message = self.messages.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            seen.append(message)
-            if message.get("id") == request_id and message.get("type") in ("result", "error"):
-                return message, seen
-            if message.get("type") == "exit":
-                raise WorkerError(f"the worker ended (exit status {message.get('returncode')}) before answering "
-                                  f"request {request_id}; its log: " + " | ".join(
-                                      m.get("message", "") for m in seen if m.get("type") == "log")[-2000:])
+            batch = self.poll(request_id)
+            seen.extend(batch)  # the whole batch: nothing polled is dropped
+            for message in batch:
+                if message.get("id") == request_id and message.get("type") in ("result", "error"):
+                    return message, seen
+                if message.get("type") == "exit":
+                    raise WorkerError(f"the worker ended (exit status {message.get('returncode')}) before answering "
+                                      f"request {request_id}; its log: " + " | ".join(
+                                          m.get("message", "") for m in seen if m.get("type") == "log")[-2000:])
+            time.sleep(0.02)
         raise WorkerError(f"no answer to request {request_id} within {timeout_s:.0f} s.")
 
     def cancel(self, timeout_s: float = CANCEL_TIMEOUT_S) -> bool:
@@ -442,6 +547,12 @@ class WorkerClient:
                 stream.close()
             except OSError:
                 pass
+
+
+def no_console_window_flags() -> int:
+    """``creationflags`` for the worker: on Windows no console window pops up (PythonSlicer is a console
+    program); 0 elsewhere."""
+    return getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000) if os.name == "nt" else 0
 
 
 if __name__ == "__main__":

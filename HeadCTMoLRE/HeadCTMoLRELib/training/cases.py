@@ -2,36 +2,53 @@
 
 Cases CSV (one row per scan)::
 
-    path,split,epidural_hematoma,subdural_hematoma,...
-    scans/case_0001.nii.gz,train,1,0,...
-    dicom/patient_07,val,0,,...
+    path,split,patient,series,epidural_hematoma,subdural_hematoma,...
+    scans/case_0001.nii.gz,train,P001,,1,0,...
+    dicom/patient_07,val,P007,1.2.840...,0,,...
 
-``path``: an image file (NIfTI/NRRD/MHA) or a DICOM folder; relative paths are resolved against the
-CSV's folder. ``split`` (optional): train, val (or validation) or test. One column per finding id of
-the catalog: ``1`` positive, ``0`` negative, blank (or NA, ?) unknown. Unknown labels are NaN and are
-masked out of the loss and of AUCs. A finding of the catalog without a column is unknown for every case;
-a column that is not a finding id is reported and ignored. Rows that cannot be used (no such file, a
-label that is not 0/1/blank, an unknown split) are reported in ``CaseTable.problems`` and skipped.
-Phantom datasets written by ``phantom.write_phantom_dataset`` (labels.csv) read as they are.
+Columns (``META_COLUMNS`` and one per finding id; nothing else is accepted):
+
+- ``path``: an image file (NIfTI/NRRD/MHA) or a DICOM folder; relative paths are resolved against the
+  CSV's folder.
+- ``split`` (optional): train, val (also valid, validation) or test (also testing). Without the column,
+  or where it is blank, training assigns a seeded share to validation (:func:`assign_splits`).
+- ``patient`` (optional): a patient id. All scans of one patient stay in one split (a CSV that puts
+  one patient into two splits is refused) and bootstrap intervals resample patients, not scans.
+- ``series`` (optional): the DICOM SeriesInstanceUID to read from a folder holding several series.
+- one column per finding id of the catalog: ``1`` (or ``1.0``, ``yes``, ``true``) positive, ``0`` (or
+  ``0.0``, ``no``, ``false``) negative, blank (or NA, N/A, ?, unknown, -) unknown, case-insensitive.
+  Unknown labels are NaN and are masked out of the loss and of AUCs. A finding of the catalog without a
+  column is unknown for every case.
+
+The whole CSV is checked before any work: a column that is neither a meta column nor a finding id
+(with the closest finding id as "did you mean"), a split or label value that is not one of the above,
+and a patient in two splits raise one CaseTableError that lists every such mistake. Rows whose scan
+does not exist (or has an empty path) are reported in ``CaseTable.problems`` and skipped, so that a
+batch survives a missing scan. Phantom datasets written by ``phantom.write_phantom_dataset``
+(labels.csv) read as they are.
 
 Preprocessing cache: a case's slice stack is stored under
 ``sha256(format version, sha256 of the input's bytes, PreprocessConfig)`` in a safetensors file
 (``pixels`` uint8 (S, 3, H, W) = round(255 * window value), ``slice_valid`` uint8 (S,); warnings in the
 metadata). The window values lose at most 1/510 of a window (0.16 HU in the brain window), well under
 CT noise. Default folder ``~/.cache/headct-molre/stacks``; ``HEADCT_MOLRE_CACHE`` or an argument
-overrides it. Only safetensors and JSON are read back, never pickle.
+overrides it. Only safetensors and JSON are read back, never pickle. Each entry carries its own key,
+the sha256 and byte count of its tensors and their shapes (metadata), is written atomically (fsync +
+rename), and is checked whenever it is read: a truncated, empty, corrupted or swapped entry is reported
+(``CacheResult.rebuilt``) and rebuilt by the next ``build_cache``, never a crash that needs the cache
+deleted by hand.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import csv
+import dataclasses
 import hashlib
 import json
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +56,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-CACHE_FORMAT_VERSION = 1
+from .. import calibration, metrics
+
+CACHE_FORMAT_VERSION = 2
+MAX_CACHE_ENTRY_BYTES = 4 * 1024 ** 3
 CACHE_ENV = "HEADCT_MOLRE_CACHE"
 SPLITS = ("train", "val", "test")
+#: Columns of a cases CSV that are not findings (see the module docstring).
+META_COLUMNS = ("path", "split", "patient", "series")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                   "test": "test", "testing": "test"}
 _UNKNOWN_TEXT = {"", "na", "nan", "n/a", "?", "unknown", "-"}
@@ -57,13 +79,15 @@ class CaseTableError(ValueError):
 @dataclass
 class Case:
     """One labelled scan: ``path`` (file or DICOM folder, absolute), ``labels`` float32 (C,) in catalog
-    order with 1/0/NaN (unknown), ``split`` ("train", "val", "test" or None when the CSV has no split
-    column) and ``row`` (1-based line number in the CSV, header = line 1)."""
+    order with 1/0/NaN (unknown), ``split`` ("train", "val", "test" or None when not given), ``row``
+    (1-based line number in the CSV, header = line 1), ``patient`` and ``series`` (None when not given)."""
 
     path: Path
     labels: np.ndarray
     split: str | None = None
     row: int = 0
+    patient: str | None = None
+    series: str | None = None
 
 
 @dataclass
@@ -73,7 +97,7 @@ class CaseTable:
     ``catalog``: the FindingCatalog the labels follow; ``problems``: human-readable strings
     ("file, row N: what"); ``finding_columns``: catalog ids that had a column; ``missing_findings``:
     catalog ids without one (all unknown); ``ignored_columns``: columns that are no finding id;
-    ``has_split``: the CSV had a split column; ``synthetic``: the CSV is a phantom dataset (its
+    ``has_split``: the CSV had a split column; ``has_patient``: it had a patient column; ``synthetic``: the CSV is a phantom dataset (its
     ``metadata.json`` from ``phantom.write_phantom_dataset`` lies next to it); ``csv_sha256``.
     """
 
@@ -87,6 +111,7 @@ class CaseTable:
     ignored_columns: tuple[str, ...] = ()
     has_split: bool = False
     synthetic: bool = False
+    has_patient: bool = False
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -101,7 +126,12 @@ class CaseTable:
         return CaseTable(cases=list(cases), catalog=self.catalog, problems=[], csv_path=self.csv_path,
                          csv_sha256=self.csv_sha256, finding_columns=self.finding_columns,
                          missing_findings=self.missing_findings, ignored_columns=self.ignored_columns,
-                         has_split=self.has_split, synthetic=self.synthetic)
+                         has_split=self.has_split, synthetic=self.synthetic, has_patient=self.has_patient)
+
+    def patients(self) -> list[str]:
+        """One group id per case for bootstrap and split grouping: the patient id, or the case's own path
+        when the CSV names no patient (every scan its own patient)."""
+        return [case.patient if case.patient else f"case:{case.path}" for case in self.cases]
 
     def split(self, name: str) -> "CaseTable":
         return self.subset([case for case in self.cases if case.split == name])
@@ -158,9 +188,11 @@ def is_phantom_dataset(csv_path: str | os.PathLike) -> bool:
 def read_cases(csv_path: str | os.PathLike, catalog) -> CaseTable:
     """Read a cases CSV (see the module docstring) against ``catalog`` (a findings.FindingCatalog).
 
-    Returns a CaseTable whose ``cases`` are the usable rows and whose ``problems`` list every row or
-    column that was skipped or ignored. Raises CaseTableError when the file cannot be used at all (no
-    such file, no ``path`` column, duplicate columns, no column naming a finding of the catalog).
+    Returns a CaseTable whose ``cases`` are the usable rows and whose ``problems`` list the rows skipped
+    (scan not found) and the catalog findings without a column. Raises CaseTableError, listing every
+    mistake at once, when the CSV is wrong: no such file, no ``path`` column, duplicate columns, no
+    finding column, a column that is neither a meta column nor a finding id, a split or label value
+    that cannot be read, a patient in two splits.
     """
     csv_path = Path(csv_path).expanduser().resolve()
     if not csv_path.is_file():
@@ -173,8 +205,9 @@ def read_cases(csv_path: str | os.PathLike, catalog) -> CaseTable:
     _check_header(csv_path, header, catalog)
     columns = {name: index for index, name in enumerate(header)}
     finding_columns = tuple(fid for fid in catalog.ids if fid in columns)
-    ignored = tuple(name for name in header if name not in ("path", "split") and name not in catalog)
-    problems = [f"{csv_path.name}: column '{name}' is not a finding of the catalog; ignored" for name in ignored]
+    mistakes = [_unknown_column_message(name, catalog) for name in header
+                if name not in META_COLUMNS and name not in catalog]
+    problems = []
     missing = tuple(fid for fid in catalog.ids if fid not in columns)
     if missing:
         problems.append(f"{csv_path.name}: {len(missing)} finding(s) of the catalog have no column and are "
@@ -183,15 +216,39 @@ def read_cases(csv_path: str | os.PathLike, catalog) -> CaseTable:
     for line, row in enumerate(rows, start=2):
         if not any(cell.strip() for cell in row):
             continue
-        case, problem = _parse_row(csv_path, line, row, columns, catalog, "split" in columns)
-        if problem:
-            problems.append(problem)
+        case, problem, mistake = _parse_row(csv_path, line, row, columns, catalog)
+        problems += [problem] if problem else []
+        mistakes += [mistake] if mistake else []
         if case is not None:
             cases.append(case)
+    mistakes += _patients_in_two_splits(cases)
+    if mistakes:
+        shown = "\n  ".join(mistakes[:25]) + (f"\n  ... and {len(mistakes) - 25} more" if len(mistakes) > 25 else "")
+        raise CaseTableError(f"{csv_path}: {len(mistakes)} mistake(s) in the cases CSV; nothing was done. Fix them "
+                             f"and rerun:\n  {shown}\n(accepted columns: {', '.join(META_COLUMNS)} and the finding "
+                             "ids of Resources/findings.csv; labels 1/0/blank, also yes/no, true/false)")
     return CaseTable(cases=cases, catalog=catalog, problems=problems, csv_path=csv_path,
                      csv_sha256=_sha256_bytes_of(csv_path), finding_columns=finding_columns,
-                     missing_findings=missing, ignored_columns=ignored, has_split="split" in columns,
-                     synthetic=is_phantom_dataset(csv_path))
+                     missing_findings=missing, ignored_columns=(), has_split="split" in columns,
+                     synthetic=is_phantom_dataset(csv_path), has_patient="patient" in columns)
+
+
+def _unknown_column_message(name: str, catalog) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), list(catalog.ids) + list(META_COLUMNS), n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else f"not a finding id nor one of {', '.join(META_COLUMNS)}"
+    return f"column '{name}': {hint}"
+
+
+def _patients_in_two_splits(cases: list[Case]) -> list[str]:
+    splits: dict[str, dict[str, int]] = {}
+    for case in cases:
+        if case.patient and case.split:
+            splits.setdefault(case.patient, {}).setdefault(case.split, case.row)
+    return [f"patient '{patient}' is in splits " + " and ".join(f"{split} (row {row})" for split, row in rows.items())
+            + "; all scans of a patient belong in one split"
+            for patient, rows in splits.items() if len(rows) > 1]
 
 
 def _check_header(csv_path: Path, header: list[str], catalog) -> None:
@@ -206,62 +263,76 @@ def _check_header(csv_path: Path, header: list[str], catalog) -> None:
                              f"{', '.join(catalog.ids[:3])}); nothing to learn from. Check the finding ids.")
 
 
-def _parse_row(csv_path: Path, line: int, row: list[str], columns: dict, catalog,
-               has_split: bool) -> tuple[Case | None, str | None]:
-    where = f"{csv_path.name}, row {line}"
-    cell = lambda name: row[columns[name]].strip() if columns[name] < len(row) else ""  # noqa: E731
-    raw_path = cell("path")
-    if not raw_path:
-        return None, f"{where}: empty path; row skipped"
-    path = Path(raw_path).expanduser()
-    path = path if path.is_absolute() else (csv_path.parent / path)
-    if not path.exists():
-        return None, f"{where}: {path} does not exist; row skipped"
+def _parse_row(csv_path: Path, line: int, row: list[str], columns: dict,
+               catalog) -> tuple[Case | None, str | None, str | None]:
+    """-> (case or None, problem (row skipped) or None, mistake (CSV refused) or None)."""
+    where = f"row {line}"
+    cell = lambda name: row[columns[name]].strip() if name in columns and columns[name] < len(row) else ""  # noqa: E731
     split = None
-    if has_split:
+    if cell("split"):
         split = _SPLIT_ALIASES.get(cell("split").lower())
         if split is None:
-            return None, f"{where}: split '{cell('split')}' is not train, val or test; row skipped"
+            return None, None, f"{where}: split '{cell('split')}' is not train, val or test (or blank)"
     labels = np.full(len(catalog), np.nan, np.float32)
+    bad = []
     for index, fid in enumerate(catalog.ids):
         if fid not in columns:
             continue
         value = _parse_label(cell(fid))
         if value is None:
-            return None, f"{where}: label '{cell(fid)}' for {fid} is not 1, 0 or blank; row skipped"
-        labels[index] = value
-    return Case(path=path.resolve(), labels=labels, split=split, row=line), None
+            bad.append(f"'{cell(fid)}' for {fid}")
+        else:
+            labels[index] = value
+    if bad:
+        return None, None, f"{where}: label {', '.join(bad[:3])} is not 1, 0 or blank"
+    raw_path = cell("path")
+    if not raw_path:
+        return None, f"{csv_path.name}, {where}: empty path; row skipped", None
+    path = Path(raw_path).expanduser()
+    path = path if path.is_absolute() else (csv_path.parent / path)
+    if not path.exists():
+        return None, f"{csv_path.name}, {where}: {path} does not exist; row skipped", None
+    return Case(path=path.resolve(), labels=labels, split=split, row=line, patient=cell("patient") or None,
+                series=cell("series") or None), None, None
 
 
 def assign_splits(table: CaseTable, val_fraction: float, seed: int) -> CaseTable:
-    """Cases without a split get "train" or "val", seeded and roughly stratified: cases are grouped by
-    their rarest positive finding (or "no positive"), and each group gives round(val_fraction * n) of its
-    cases (at least one from groups of 2 or more when val_fraction > 0) to validation. Cases that already
-    have a split keep it. Returns a new CaseTable."""
+    """Cases without a split get "train" or "val", seeded and roughly stratified, by patient.
+
+    The unit is the patient (the ``patient`` column; a case without one is its own patient): a patient
+    with a split on some of its scans gives it to the others, and a patient without any goes to train or
+    val as a whole. Patients are grouped by the rarest positive finding among their scans (or "no
+    positive"), and each group gives round(val_fraction * n) of its patients (at least one from groups
+    of 2 or more when val_fraction > 0) to validation. Returns a new CaseTable."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
     labels = table.labels()
     with np.errstate(invalid="ignore"):
         known = np.isfinite(labels).sum(axis=0)
         prevalence = np.where(known > 0, np.nansum(labels, axis=0) / np.maximum(known, 1), 0.0)
-    groups: dict[int, list[int]] = {}
-    for index, case in enumerate(table.cases):
-        if case.split is not None:
+    units: dict[str, list[int]] = {}
+    for index, patient in enumerate(table.patients()):
+        units.setdefault(patient, []).append(index)
+    chosen: dict[int, str] = {}
+    groups: dict[int, list[str]] = {}
+    for unit, members in units.items():
+        given = [table.cases[i].split for i in members if table.cases[i].split is not None]
+        if given:
+            chosen.update({i: given[0] for i in members})
             continue
-        positives = np.flatnonzero(case.labels == 1)
+        positives = np.flatnonzero(np.any(labels[members] == 1, axis=0))
         key = int(positives[np.argmin(prevalence[positives])]) if len(positives) else -1
-        groups.setdefault(key, []).append(index)
+        groups.setdefault(key, []).append(unit)
     rng = np.random.default_rng([int(seed), 7])
-    to_val: set[int] = set()
     for key in sorted(groups):
-        members = list(groups[key])
+        members = sorted(groups[key])
         rng.shuffle(members)
         count = int(round(val_fraction * len(members)))
         if val_fraction > 0 and count == 0 and len(members) >= 2:
             count = 1
-        to_val.update(members[:count])
-    cases = [Case(case.path, case.labels, case.split or ("val" if i in to_val else "train"), case.row)
-             for i, case in enumerate(table.cases)]
+        for position, unit in enumerate(members):
+            chosen.update({i: "val" if position < count else "train" for i in units[unit]})
+    cases = [dataclasses.replace(case, split=chosen[i]) for i, case in enumerate(table.cases)]
     result = table.subset(cases)
     result.problems = list(table.problems)
     return result
@@ -316,58 +387,110 @@ class CachedStack:
     warnings: list[str] = field(default_factory=list)
 
 
+class CacheEntryError(ValueError):
+    """A cache entry that cannot be used (truncated, empty, corrupted, swapped); it is rebuilt."""
+
+
+def _content_digest(tensors: dict[str, np.ndarray]) -> tuple[str, int]:
+    """sha256 and byte count over the tensors' names, dtypes, shapes and bytes (sorted by name)."""
+    digest, size = hashlib.sha256(), 0
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}\n".encode())
+        digest.update(array.tobytes())
+        size += array.nbytes
+    return digest.hexdigest(), size
+
+
 def write_cached_stack(path: Path, stack, source: str) -> None:
-    """Store a preprocess.SliceStack at ``path`` (safetensors), atomically (temp file + rename)."""
+    """Store a preprocess.SliceStack at ``path`` (safetensors) with its key, digest and size in the
+    metadata, atomically (temporary file, fsync, rename)."""
     from safetensors.numpy import save_file
+
+    from ..atomic_files import atomic_write
 
     tensors = {
         "pixels": np.ascontiguousarray(np.round(np.clip(stack.pixels, 0.0, 1.0) * 255.0).astype(np.uint8)),
         "slice_valid": np.ascontiguousarray(np.asarray(stack.slice_valid, dtype=np.uint8)),
     }
+    digest, size = _content_digest(tensors)
     metadata = {"format": f"headct-molre-stack-{CACHE_FORMAT_VERSION}", "source": source,
+                "key": Path(path).stem, "content_sha256": digest, "content_bytes": str(size),
                 "warnings": json.dumps(list(stack.warnings))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
 def read_cached_stack(path: str | os.PathLike) -> CachedStack:
-    """Read a stack written by ``write_cached_stack`` (safetensors only)."""
+    """Read and check a stack written by ``write_cached_stack`` (safetensors only). Raises
+    CacheEntryError naming the file and the problem for an entry that is empty, truncated, corrupted,
+    of another format, or swapped with another entry (its stored key is not its file name)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="numpy") as handle:
-        metadata = handle.metadata() or {}
-        pixels = handle.get_tensor("pixels")
-        slice_valid = handle.get_tensor("slice_valid").astype(bool)
-    return CachedStack(pixels=pixels, slice_valid=slice_valid, warnings=json.loads(metadata.get("warnings", "[]")))
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise CacheEntryError(f"cache entry {path} cannot be read ({error.strerror or error})") from None
+    if size == 0 or size > MAX_CACHE_ENTRY_BYTES:
+        raise CacheEntryError(f"cache entry {path} is {'empty' if size == 0 else f'{size:,} bytes, too large'}")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in ("pixels", "slice_valid")}
+    except Exception as error:  # SafetensorError (truncated header/data), missing tensor, OSError
+        raise CacheEntryError(f"cache entry {path} is damaged ({type(error).__name__}: {str(error)[:200]})") from None
+    if metadata.get("format") != f"headct-molre-stack-{CACHE_FORMAT_VERSION}":
+        raise CacheEntryError(f"cache entry {path} has format {metadata.get('format')!r:.60}, not this version's")
+    if metadata.get("key") != path.stem:
+        raise CacheEntryError(f"cache entry {path} holds the entry {str(metadata.get('key'))[:16]}... (swapped or "
+                              "copied over another entry)")
+    digest, content_bytes = _content_digest(tensors)
+    if digest != metadata.get("content_sha256") or str(content_bytes) != metadata.get("content_bytes"):
+        raise CacheEntryError(f"cache entry {path} does not match its own digest (corrupted)")
+    pixels, valid = tensors["pixels"], tensors["slice_valid"]
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or valid.ndim != 1 or valid.shape[0] != pixels.shape[0]:
+        raise CacheEntryError(f"cache entry {path} has tensors of unexpected shapes {pixels.shape}, {valid.shape}")
+    try:
+        warnings = json.loads(metadata.get("warnings", "[]"))
+    except ValueError:
+        raise CacheEntryError(f"cache entry {path} has unreadable warnings metadata") from None
+    return CachedStack(pixels=pixels, slice_valid=valid.astype(bool), warnings=[str(w) for w in warnings])
 
 
-def _cache_one(source: str, preprocessing_dict: dict, cache_dir: str) -> tuple[str, str | None, bool, str | None]:
-    """Worker: (source) -> (source, cache file or None, was_cached, error or None). Never raises for a
-    bad input; the error text names the file and the problem."""
+def _cache_one(source: str, preprocessing_dict: dict, cache_dir: str) -> tuple[str, str | None, bool, str | None, str | None]:
+    """Worker: (source) -> (source, cache file or None, was_cached, error or None, rebuilt note or None).
+    Never raises for a bad input; the error text names the file and the problem. A damaged cache entry
+    is removed and rebuilt, and the note says so."""
     from ..ct.preprocess import PreprocessConfig, preprocess
 
+    note = None
     try:
         config = PreprocessConfig.from_dict(preprocessing_dict)
         target = Path(cache_dir) / f"{cache_key(input_sha256(source), config)}.safetensors"
-        if target.is_file():
-            return source, str(target), True, None
+        if target.exists() or target.is_symlink():
+            try:
+                if target.is_symlink() or not target.is_file():
+                    raise CacheEntryError(f"cache entry {target} is not a plain file")
+                read_cached_stack(target)
+                return source, str(target), True, None, None
+            except CacheEntryError as problem:
+                note = f"{source}: {problem}; rebuilt"
+                if target.is_dir() and not target.is_symlink():
+                    import shutil
+
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
         from ..ct.loader import load_ct
 
         stack = preprocess(load_ct(source), config)
         if not stack.slice_valid.any():
-            return source, None, False, f"{source}: no slice of the head frame lies inside the scan; skipped"
+            return source, None, False, f"{source}: no slice of the head frame lies inside the scan; skipped", note
         write_cached_stack(target, stack, source)
-        return source, str(target), False, None
+        return source, str(target), False, None, note
     except (ValueError, OSError, RuntimeError, MemoryError) as error:  # CTInputError is a ValueError
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return source, None, False, text if source in text else f"{source}: {text}"
+        return source, None, False, text if source in text else f"{source}: {text}", note
 
 
 def _worker_init() -> None:
@@ -385,12 +508,14 @@ def _worker_init() -> None:
 @dataclass
 class CacheResult:
     """``files``: source path -> cache file (for the cases that worked); ``failures``: (path, reason);
-    ``reused``: how many were already cached; ``seconds``: wall time."""
+    ``reused``: how many were already cached; ``rebuilt``: (path, what was wrong with its damaged cache
+    entry, which was rebuilt); ``seconds``: wall time."""
 
     files: dict[str, Path]
     failures: list[tuple[str, str]]
     reused: int = 0
     seconds: float = 0.0
+    rebuilt: list[tuple[str, str]] = field(default_factory=list)
 
 
 def build_cache(sources: Iterable[str | os.PathLike | Case], preprocessing, *, cache_dir=None,
@@ -410,7 +535,9 @@ def build_cache(sources: Iterable[str | os.PathLike | Case], preprocessing, *, c
     result = CacheResult(files={}, failures=[])
 
     def record(outcome):
-        source, file, cached, error = outcome
+        source, file, cached, error, note = outcome
+        if note:
+            result.rebuilt.append((source, note))
         if file:
             result.files[source] = Path(file)
             result.reused += int(cached)
@@ -418,7 +545,7 @@ def build_cache(sources: Iterable[str | os.PathLike | Case], preprocessing, *, c
             result.failures.append((source, error or "unknown error"))
         if progress:
             progress({"stage": "cache", "done": len(result.files) + len(result.failures), "total": len(unique),
-                      "path": source})
+                      "path": source, **({"rebuilt": note} if note else {})})
 
     if workers <= 1 or len(unique) <= 1:
         for source in unique:
@@ -447,7 +574,7 @@ def _build_in_pool(sources: list[str], args: tuple, workers: int, record) -> lis
                 if finished == 0:
                     broken.append(futures[future])
                     continue
-                outcome = (futures[future], None, False, f"{futures[future]}: preprocessing crashed ({error})")
+                outcome = (futures[future], None, False, f"{futures[future]}: preprocessing crashed ({error})", None)
             finished += 1
             record(outcome)
     return broken
@@ -468,8 +595,9 @@ def stack_batch(files: Sequence[Path]):
 class CasePredictions:
     """Model outputs over many cases (N = cases that worked, C = findings in catalog order).
 
-    ``logits``: float64 (N, C) raw model logits, BEFORE the bundle's temperature;
-    ``probabilities``: float64 (N, C) = sigmoid(logits / temperature) (what `infer` reports);
+    ``logits``: float64 (N, C) raw model logits, BEFORE the bundle's calibration;
+    ``probabilities``: float64 (N, C) = sigmoid((logits - logit_offsets) / temperature) (what `infer`
+    reports; see calibration.py); ``logit_offsets`` (C,) the bundle's prior correction (zeros without);
     ``labels``: float32 (N, C) 1/0/NaN; ``paths``: N input paths; ``splits``: N splits (or None);
     ``failures``: (path, reason) for cases skipped; ``temperature``; ``catalog``.
     """
@@ -482,6 +610,8 @@ class CasePredictions:
     catalog: Any = None
     temperature: float = 1.0
     splits: list[str | None] = field(default_factory=list)
+    logit_offsets: Any = 0.0
+    patients: list[str | None] = field(default_factory=list)
 
 
 def _as_cases(cases, catalog) -> list[Case]:
@@ -497,23 +627,25 @@ def _as_cases(cases, catalog) -> list[Case]:
         elif table_catalog is not None and tuple(table_catalog.ids) != tuple(catalog.ids):
             old = {fid: i for i, fid in enumerate(table_catalog.ids)}
             labels = np.array([item.labels[old[fid]] if fid in old else np.nan for fid in catalog.ids], np.float32)
-            result.append(Case(item.path, labels, item.split, item.row))
+            result.append(dataclasses.replace(item, labels=labels))
         else:
             result.append(item)
     return result
 
 
 def _resolve_model(bundle_or_model, preprocessing):
-    """-> (classifier, catalog, preprocessing, temperature)."""
+    """-> (classifier, catalog, preprocessing, temperature, logit offsets (C,) or 0.0 for a bare model)."""
     from ..model.bundle import Bundle, build_model, load_bundle
 
     if isinstance(bundle_or_model, (str, os.PathLike, Bundle)):
         bundle = bundle_or_model if isinstance(bundle_or_model, Bundle) else load_bundle(bundle_or_model)
-        return build_model(bundle), bundle.catalog, preprocessing or bundle.preprocessing, bundle.temperature
+        offsets = calibration.logit_offsets(bundle.manifest, bundle.catalog.ids)
+        return (build_model(bundle), bundle.catalog, preprocessing or bundle.preprocessing, bundle.temperature,
+                offsets)
     model = getattr(bundle_or_model, "module", bundle_or_model)  # DistributedDataParallel
     if preprocessing is None:
         raise ValueError("predict_cases with a model (not a bundle) needs preprocessing=PreprocessConfig(...).")
-    return model, getattr(model, "catalog", None), preprocessing, 1.0
+    return model, getattr(model, "catalog", None), preprocessing, 1.0, 0.0
 
 
 def predict_cases(bundle_or_model, cases, *, preprocessing=None, cache_dir=None, device="auto",
@@ -532,7 +664,7 @@ def predict_cases(bundle_or_model, cases, *, preprocessing=None, cache_dir=None,
 
     from ..inference import _autocast, select_device, select_precision
 
-    model, model_catalog, preprocessing, temperature = _resolve_model(bundle_or_model, preprocessing)
+    model, model_catalog, preprocessing, temperature, offsets = _resolve_model(bundle_or_model, preprocessing)
     catalog = model_catalog or catalog or getattr(cases, "catalog", None)
     if catalog is None:
         raise ValueError("predict_cases needs a catalog: pass a bundle, a CaseTable or catalog=...")
@@ -560,8 +692,9 @@ def predict_cases(bundle_or_model, cases, *, preprocessing=None, cache_dir=None,
     finally:
         model.train(was_training)
     logits_array = np.concatenate(logits) if logits else np.zeros((0, len(catalog)))
-    probabilities = 1.0 / (1.0 + np.exp(-logits_array / max(float(temperature), 1e-6)))
+    probabilities = metrics.sigmoid(calibration.calibrated_logits(logits_array, offsets, temperature))
     labels = np.stack([c.labels for c in usable]) if usable else np.zeros((0, len(catalog)), np.float32)
     return CasePredictions(probabilities=probabilities, logits=logits_array, labels=labels,
                            paths=[str(c.path) for c in usable], failures=list(cached.failures),
-                           catalog=catalog, temperature=float(temperature), splits=[c.split for c in usable])
+                           catalog=catalog, temperature=float(temperature), splits=[c.split for c in usable],
+                           logit_offsets=offsets, patients=[c.patient for c in usable])

@@ -8,7 +8,9 @@ Protocol:
   alpha_c = clip(1 - prevalence_c, 0.05, 0.95) (weight of the positive term; rare findings weigh more).
   Per finding and case: -[alpha y (1-p)^gamma log p + (1-alpha)(1-y) p^gamma log(1-p)], averaged over
   the KNOWN labels of the batch (unknown = NaN labels contribute nothing, not even a gradient).
-  Optional MoLRE load-balancing term (weight ``load_balance_weight``, default 0 as in the paper).
+  Optional MoLRE load-balancing term: molre.load_balance_loss (balance of the mean expert usage over a
+  batch) times the bundle's ``MoLREConfig.load_balance_weight`` (0 = the paper's default), which
+  ``TrainConfig.load_balance_weight`` overrides when set; the trained bundle records the weight used.
 - sampling: Repeat Factor Sampling (LVIS): f_c = fraction of training cases (with a known label for c)
   positive for c, r_c = max(1, sqrt(t / f_c)), a case repeats r_i = max over its positive findings of
   r_c (1 without any) times per epoch, rounded stochastically each epoch (floor(r_i) + Bernoulli(frac)).
@@ -23,10 +25,14 @@ Protocol:
 - bf16 autocast on CUDA ("auto"), fp32 on the CPU; gradient accumulation; DistributedDataParallel
   under torchrun (see distributed.py).
 
-Run folder ``OUT``: ``model/`` (the best bundle, atomically replaced when validation improves),
+Run folder ``OUT``: ``model/`` (the best bundle, atomically replaced when validation improves: written
+in a staging folder, the old one renamed aside, the new one renamed in),
 ``checkpoint/`` (``state.json`` + ``tensors-*.safetensors``: trainable weights, AdamW state and RNG
-states, rewritten atomically each epoch and on cancel, so ``resume=True`` continues exactly where the
-run stopped), ``history.json`` (one entry per epoch).
+states, rewritten atomically (fsync + rename) each epoch and on cancel, so ``resume=True`` continues
+exactly where the run stopped), ``history.json`` (one entry per epoch). Each epoch's checkpoint is
+written BEFORE its best bundle, and a resumed run first writes the best bundle a crash kept from being
+written, so the bundle's training record always matches its weights. Staging folders a crash left
+behind are cleaned at the next run; ``resume`` checks the checkpoint before any case is preprocessed.
 """
 
 from __future__ import annotations
@@ -37,7 +43,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import platform
 import random
 import signal
@@ -51,12 +56,15 @@ import numpy as np
 
 from .augment import AugmentConfig
 from . import distributed
+from .. import calibration
+from ..calibration import ALPHA_CLIP
+from ..atomic_files import atomic_write, atomic_write_text
+from ..datasets.importer import read_dataset_sidecar
 from ..settings import reject_unknown_settings
 
 CHECKPOINT_FORMAT = "headct-molre-checkpoint"
 CHECKPOINT_VERSION = 1
-ALPHA_CLIP = (0.05, 0.95)
-EXIT_OK, EXIT_REFUSED, EXIT_CANCELLED = 0, 2, 130
+EXIT_OK, EXIT_NO_MODEL, EXIT_REFUSED, EXIT_CANCELLED = 0, 1, 2, 130
 
 
 class TrainError(ValueError):
@@ -83,7 +91,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     val_fraction: float = 0.2
-    load_balance_weight: float = 0.0
+    load_balance_weight: float | None = None  # None: the start bundle's MoLREConfig.load_balance_weight
     max_minutes: float | None = None
     cache_workers: int | None = None
     train_backbone: bool = False
@@ -261,18 +269,50 @@ def save_checkpoint(folder: Path, *, model, optimizer, augment_generator, state:
                 scalars.setdefault(str(index), {})[key] = value
     tensors.update({k: v.cpu().contiguous() for k, v in _rng_tensors(augment_generator).items()})
     name = f"tensors-{state['epoch']:04d}-{state['step']:06d}.safetensors"
-    temporary = folder / f".{name}.tmp"
-    save_file(tensors, str(temporary))
-    os.replace(temporary, folder / name)
+    atomic_write(folder / name, lambda temporary: save_file(tensors, temporary))
     document = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "tensors": name,
                 "tensors_sha256": sha256_file(folder / name), "optimizer_param_groups": optimizer_state["param_groups"],
                 "optimizer_scalars": scalars, "host_rng": _python_rng_json(), **state}
-    staging = folder / ".state.json.tmp"
-    staging.write_text(json.dumps(document, indent=1), encoding="utf-8")
-    os.replace(staging, folder / "state.json")
+    atomic_write_text(folder / "state.json", json.dumps(document, indent=1))
     for old in folder.glob("tensors-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
+
+
+def check_checkpoint(folder: Path) -> dict:
+    """The checkpoint's JSON state, after checking (cheaply, before any case is preprocessed) that it
+    exists, is of this version and that its tensor file is the one it names. Raises TrainError."""
+    from ..model.bundle import sha256_file
+
+    state_path = folder / "state.json"
+    if not state_path.is_file():
+        raise TrainError(f"{folder}: no checkpoint to resume from (state.json missing); start without --resume.")
+    try:
+        document = json.loads(state_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise TrainError(f"{state_path} is damaged ({str(error)[:200]}); cannot resume. Start a new run in "
+                         "another --out.") from None
+    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT \
+            or document.get("version") != CHECKPOINT_VERSION:
+        raise TrainError(f"{state_path}: not a checkpoint of this HeadCTMoLRE version.")
+    name = str(document.get("tensors", ""))
+    tensor_path = folder / name
+    if "/" in name or not name.startswith("tensors-") or not tensor_path.is_file() \
+            or sha256_file(tensor_path) != document.get("tensors_sha256"):
+        raise TrainError(f"{tensor_path}: missing or changed since the checkpoint was written; cannot resume.")
+    return document
+
+
+def clean_stale_outputs(out_dir: Path) -> list[Path]:
+    """Remove what an interrupted run left in ``out_dir``: staging folders of the best bundle (putting
+    the previous bundle back if a crash came between its two renames) and temporary checkpoint files."""
+    from ..model.bundle import recover_interrupted_save
+
+    removed = recover_interrupted_save(out_dir / "model")
+    for temporary in [*(out_dir / "checkpoint").glob(".*.tmp"), *out_dir.glob(".history.json.*.tmp")]:
+        temporary.unlink(missing_ok=True)
+        removed.append(temporary)
+    return removed
 
 
 def load_checkpoint(folder: Path, *, model, optimizer, augment_generator) -> dict:
@@ -281,20 +321,11 @@ def load_checkpoint(folder: Path, *, model, optimizer, augment_generator) -> dic
     import torch
     from safetensors.torch import load_file
 
-    from ..model.bundle import sha256_file
     from ..model.backbones import load_base_state_dict
     from ..model.classifier import backbone_is_trainable, load_trainable_state_dict
 
-    state_path = folder / "state.json"
-    if not state_path.is_file():
-        raise TrainError(f"{folder}: no checkpoint to resume from (state.json missing); start without --resume.")
-    document = json.loads(state_path.read_text(encoding="utf-8"))
-    if document.get("format") != CHECKPOINT_FORMAT or document.get("version") != CHECKPOINT_VERSION:
-        raise TrainError(f"{state_path}: not a checkpoint of this HeadCTMoLRE version.")
-    tensor_path = folder / document["tensors"]
-    if not tensor_path.is_file() or sha256_file(tensor_path) != document["tensors_sha256"]:
-        raise TrainError(f"{tensor_path}: missing or changed since the checkpoint was written; cannot resume.")
-    tensors = load_file(str(tensor_path))
+    document = check_checkpoint(folder)
+    tensors = load_file(str(folder / document["tensors"]))
     load_trainable_state_dict(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     backbone = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
     if bool(backbone) != backbone_is_trainable(model):
@@ -384,6 +415,8 @@ class _Run:
     kind: str
     parent: dict | None
     cache_dir: Any = None
+    case_sha256: dict = field(default_factory=dict)  # "train"/"val" -> sha256 of each input (overlap checks)
+    focal_alpha: Any = None  # (C,) the loss's alpha, recorded for the prior correction
 
 
 def _prepare(cases, start_bundle, out_dir, config: TrainConfig, cache_dir, progress, kind, context) -> _Run:
@@ -400,6 +433,7 @@ def _prepare(cases, start_bundle, out_dir, config: TrainConfig, cache_dir, progr
     if not table.has_split or any(case.split is None for case in table.cases):
         table = assign_splits(table, config.val_fraction, config.seed)
     problems = list(table.problems)
+    _check_splits(table)
     usable = [c for c in table.cases if c.split in ("train", "val")]
     cached = None
     if context.is_main:
@@ -414,11 +448,25 @@ def _prepare(cases, start_bundle, out_dir, config: TrainConfig, cache_dir, progr
     if not train_cases:
         raise TrainError(f"No usable training case in {table.csv_path or 'the cases'} ({len(problems)} problem(s): "
                          + "; ".join(problems[:3]) + ").")
+    from .cases import input_sha256
+
     device = context.device
+    hashes = {role: [input_sha256(c.path) for c in chosen] for role, chosen in (("train", train_cases),
+                                                                               ("val", val_cases))}
     return _Run(config=config, context=context, start_bundle=bundle, table=table, train_cases=train_cases,
                 val_table=table.subset(val_cases), files=cached.files, problems=problems, out_dir=Path(out_dir),
                 precision=_training_precision(device, config.precision), kind=kind, parent=None,
-                cache_dir=cache_dir)
+                cache_dir=cache_dir, case_sha256=hashes)
+
+
+def _check_splits(table) -> None:
+    """Refuse, before any preprocessing, a table without a training case (e.g. every row split=test)."""
+    counts = table.counts()["splits"]
+    if not counts.get("train"):
+        where = table.csv_path or "the cases"
+        found = ", ".join(f"{n} {split}" for split, n in counts.items()) or "no usable case"
+        raise TrainError(f"{where}: no case for training ({found}). Mark training cases split=train (or leave the "
+                         "split blank to let training choose a validation share); test cases are never trained on.")
 
 
 class _Prefetcher:
@@ -464,6 +512,10 @@ def fit(cases, start_bundle, out_dir, config: TrainConfig | None = None, *, cach
         if context.is_main and not resume and (checkpoint_dir / "state.json").exists():
             raise TrainError(f"{out_dir} already holds a training run; pass --resume to continue it or choose "
                              "another --out.")
+        if resume:
+            check_checkpoint(checkpoint_dir)  # refuse before preprocessing any case
+        if context.is_main:
+            clean_stale_outputs(out_dir)
         run = _prepare(cases, start_bundle, out_dir, config, cache_dir, progress, _kind, context)
         run.parent = _parent
         return _train(run, checkpoint_dir, progress, should_stop, resume, started)
@@ -479,6 +531,11 @@ def _build_training_model(run: _Run):
 
     torch.manual_seed(run.config.seed)
     model = build_model(run.start_bundle).to(run.context.device)
+    weight = run.config.load_balance_weight
+    if weight is not None and model.config.use_molre and weight != model.config.molre.load_balance_weight:
+        # the bundle records the weight it was trained with (MoLREConfig validates it)
+        model.config = dataclasses.replace(model.config, molre=dataclasses.replace(model.config.molre,
+                                                                                   load_balance_weight=float(weight)))
     if run.config.train_backbone:
         unfreeze_backbone(model)
     model.train()
@@ -499,7 +556,8 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
     model, optimizer = _build_training_model(run)
     generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + context.rank)
     train_labels = np.stack([c.labels for c in run.train_cases])
-    alpha = torch.from_numpy(prevalence_alpha(train_labels)).to(device)
+    run.focal_alpha = prevalence_alpha(train_labels)
+    alpha = torch.from_numpy(run.focal_alpha).to(device)
     case_factors, _ = repeat_factors(train_labels, config.rfs_threshold)
     stopper = EarlyStopping(config.min_epochs, config.patience, config.max_epochs)
     history: list[dict] = []
@@ -514,6 +572,8 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
         history, elapsed_before = document["history"], float(document.get("elapsed_s", 0.0))
         stopper.load(document["early_stopping"])
         stopper.max_epochs = config.max_epochs
+        if context.is_main and start_step == 0 and _best_bundle_pending(run, history):
+            _save_best(run, model, history[-1], history)  # the checkpoint's weights are that epoch's
     wrapped = distributed.wrap_model(model, context)
     spacing = run.start_bundle.preprocessing
     status, epoch = "completed", start_epoch
@@ -561,10 +621,11 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
                     with _autocast(device, run.precision):
                         output = wrapped(pixels, valid)
                     loss = focal_loss(output.logits, labels, alpha, config.focal_gamma)
-                    if config.load_balance_weight > 0 and output.router_weights is not None:
+                    balance = model.config.molre.load_balance_weight if model.config.use_molre else 0.0
+                    if balance > 0 and output.router_weights is not None:
                         from ..model.molre import load_balance_loss
 
-                        loss = loss + config.load_balance_weight * load_balance_loss(output.router_weights, valid)
+                        loss = loss + balance * load_balance_loss(output.router_weights, valid)
                     (loss / group_size).backward()
                 if last_in_group:
                     optimizer.step()
@@ -589,7 +650,10 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
         epoch += 1
         record = _epoch_record(epoch, sums, model)
         _validate(run, model, record, stopper, history, progress)
-        checkpoint(epoch, 0, None)
+        checkpoint(epoch, 0, None)  # before the best bundle: a crash between them is repaired on resume
+        if history[-1].get("best") and context.is_main:
+            _save_best(run, model, history[-1], history)
+        distributed.barrier(context)
     status = "early_stopped" if epoch < config.max_epochs else "completed"
     return _finish(run, status, model, history, stopper, checkpoint_dir, started, elapsed_before, progress)
 
@@ -627,8 +691,6 @@ def _validate(run: _Run, model, record: dict, stopper: EarlyStopping, history: l
     improved = stopper.update(record["epoch"], score)
     record["best"] = improved
     history.append(record)
-    if improved and context.is_main:
-        _save_best(run, model, record, history)
     if progress and context.is_main:
         progress({"stage": "validate", **record, "epochs": run.config.max_epochs,
                   "best_val_mean_auc": None if not len(run.val_table) else stopper.state()["best_score"]})
@@ -640,7 +702,7 @@ def _provenance(run: _Run, history: list, stopper: EarlyStopping, status: str | 
     provenance = {
         "kind": run.kind,
         "status": status or "running",
-        "cases_csv": str(run.table.csv_path) if run.table.csv_path else None,
+        "cases_csv": run.table.csv_path.name if run.table.csv_path else None,  # a name, not a machine path
         "cases_csv_sha256": run.table.csv_sha256,
         "counts": {"train": len(run.train_cases), "val": len(run.val_table),
                    "test_held_out": counts["splits"].get("test", 0), "skipped": len(run.problems),
@@ -656,14 +718,36 @@ def _provenance(run: _Run, history: list, stopper: EarlyStopping, status: str | 
         "world_size": run.context.world_size,
         "duration_s": duration_s,
         "software": _software_versions(),
-        "start_bundle": {"name": bundle.name, "fingerprint": bundle.fingerprint, "path": str(bundle.path)},
+        "start_bundle": {"name": bundle.name, "fingerprint": bundle.fingerprint},
         "synthetic_training_data": bool(run.table.synthetic),
+        "focal_alpha": None if run.focal_alpha is None else {
+            fid: round(float(a), 6) for fid, a in zip(run.table.catalog.ids, run.focal_alpha)},
+        "case_sha256": run.case_sha256,
+        "patients": {role: sorted({c.patient for c in chosen if c.patient})
+                     for role, chosen in (("train", run.train_cases), ("val", run.val_table.cases))},
         "history": history,
         "problems": run.problems[:50],
     }
     if run.parent:
         provenance["parent_bundle"] = run.parent
+    dataset = read_dataset_sidecar(run.table.csv_path)  # CASES.dataset.json from `import-dataset`: name, licence
+    if dataset:
+        provenance["dataset"] = dataset
     return provenance
+
+
+def _best_bundle_pending(run: _Run, history: list) -> bool:
+    """True when the last finished epoch was the best but OUT/model does not hold it (a crash came
+    between its checkpoint and its bundle)."""
+    from ..model.bundle import BundleError, read_manifest
+
+    if not history or not history[-1].get("best"):
+        return False
+    try:
+        written = (read_manifest(run.out_dir / "model").get("metrics") or {}).get("best_epoch")
+    except BundleError:
+        return True
+    return written != history[-1]["epoch"]
 
 
 def _save_best(run: _Run, model, record: dict, history: list) -> None:
@@ -677,12 +761,15 @@ def _save_best(run: _Run, model, record: dict, history: list) -> None:
                "val_findings_evaluated": record.get("val_findings_evaluated", 0),
                "val_auc_per_finding": record.get("val_auc", {})}
     kind = "Fine-tuned" if run.kind == "fine-tune" else "Trained"
+    ids = bundle.catalog.ids
+    prior = calibration.prior_correction_record(ids, run.focal_alpha, "training.focal_alpha")
     save_bundle(model, run.out_dir / "model", catalog=bundle.catalog, preprocessing=bundle.preprocessing,
                 name=f"{bundle.name}-{run.kind}", overwrite=True,
                 description=f"{kind} from {bundle.name} on {len(run.train_cases)} case(s)"
                 + (" of SYNTHETIC phantoms (not for clinical use)" if run.table.synthetic else ""),
                 backbone_weights_dir=folder, bundle_backbone=folder is None or run.config.train_backbone,
                 training=_provenance(run, list(history), stopper_view, None, None), metrics=metrics,
+                calibration=calibration.calibration_record(prior_correction=prior),
                 synthetic_training_data=bool(run.table.synthetic))
 
 
@@ -692,7 +779,7 @@ def _finish(run: _Run, status: str, model, history, stopper, checkpoint_dir, sta
     duration = elapsed_before + time.perf_counter() - started
     bundle_path = run.out_dir / "model"
     if run.context.is_main:
-        (run.out_dir / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+        atomic_write_text(run.out_dir / "history.json", json.dumps(history, indent=1))
         if (bundle_path / "manifest.json").is_file():
             update_bundle(bundle_path, training=_provenance(run, history, stopper, status, duration))
     distributed.barrier(run.context)
@@ -716,7 +803,7 @@ def fine_tune(cases, trained_bundle, out_dir, config: TrainConfig | None = None,
     if not bundle.manifest.get("training"):
         raise TrainError(f"{bundle.path} has never been trained (no training provenance); use `train` to train "
                          "it first, or pass a trained bundle to fine-tune.")
-    parent = {"name": bundle.name, "fingerprint": bundle.fingerprint, "path": str(bundle.path)}
+    parent = {"name": bundle.name, "fingerprint": bundle.fingerprint}
     return fit(cases, bundle, out_dir, config, _kind="fine-tune", _parent=parent, **kwargs)
 
 
@@ -744,7 +831,9 @@ def _add_common_arguments(parser, model_help: str) -> None:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
-    parser.add_argument("--load-balance-weight", type=float, default=0.0, help="MoLRE load-balancing loss weight (default 0)")
+    parser.add_argument("--load-balance-weight", type=float, default=None,
+                        help="weight of the balance of mean expert usage per batch (default: the bundle's "
+                             "MoLREConfig.load_balance_weight, 0 = the paper's unsupervised routing)")
     parser.add_argument("--train-backbone", action="store_true",
                         help="also train the backbone's own weights (not the paper's protocol; for a backbone "
                              "without foundation pre-training); the bundle then carries the trained backbone")
@@ -840,11 +929,17 @@ def _run_from_args(args, runner) -> int:
         print(f"cancelled; continue with the same command plus --resume (checkpoint: {result.checkpoint_dir})",
               file=sys.stderr)
         return EXIT_CANCELLED
+    if result.bundle_path is None:
+        print(f"error: no model was produced ({result.status} after {result.epochs_run} epoch(s)): no epoch "
+              "finished. Give more time (--max-minutes) or fewer cases; continue with --resume.", file=sys.stderr)
+        return EXIT_NO_MODEL
     return EXIT_OK
 
 
 def run_train_from_args(args) -> int:
-    """`headct-molre train`: 0 done (also early-stopped or out of time), 2 bad input, 130 cancelled."""
+    """`headct-molre train`: 0 a model was written (completed, early-stopped or out of time after at
+    least one epoch), 1 no model was produced (no epoch finished), 2 bad input (checked before any
+    work), 130 cancelled."""
     return _run_from_args(args, fit)
 
 

@@ -1,0 +1,77 @@
+"""The paper's native foundation families go through the same commands as the others: convert-weights,
+new-model, info, infer, train, fine-tune, evaluate (tiny configs, no download, CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from HeadCTMoLRELib import cli
+from HeadCTMoLRELib.model import bundle
+
+from test_data import write_toy_dataset
+
+PARITY = Path(__file__).parent / "Data" / "parity"
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def toy_cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy-families")
+    return write_toy_dataset(root / "cases", 6, splits=("train", "val", "train")), root / "cache"
+
+
+def test_medimageinsight_from_converted_weights_through_every_command(capsys, tmp_path, toy_cases):
+    cases_csv, cache = toy_cases
+    converted = tmp_path / "mii-tiny"
+    code, out, err = run(capsys, "convert-weights", PARITY / "medimageinsight" / "tiny" / "state_dict.safetensors",
+                         "--family", "medimageinsight", "--size", "tiny", "--out", converted)
+    assert code == 0, err
+    assert "kept" in out and (converted / "model.safetensors").is_file()
+    code, _, err = run(capsys, "convert-weights", PARITY / "medimageinsight" / "tiny" / "state_dict.safetensors",
+                       "--family", "medimageinsight", "--size", "tiny", "--out", converted)
+    assert code == 2 and "already exists" in err
+
+    start = tmp_path / "start"
+    code, out, err = run(capsys, "new-model", "--backbone", "medimageinsight", "--size", "tiny", "--image-size", 32,
+                         "--alignment", "none", "--backbone-path", converted, "--out", start)
+    assert code == 0, err
+    manifest = bundle.read_manifest(start)
+    assert manifest["backbone"]["weights"]["kind"] == "external"
+    assert manifest["backbone"]["transformers_config"]["model_type"] == "medimageinsight_davit"
+    assert manifest["model"]["backbone"]["family"] == "medimageinsight"
+    code, out, _ = run(capsys, "info", start, "--verify")
+    assert code == 0 and "medimageinsight tiny" in out and "All file hashes verified" in out
+
+    case = cases_csv.parent / "case_00.nii.gz"
+    code, out, err = run(capsys, "infer", case, "--model", start, "--device", "cpu", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["findings"]) == 75
+
+    common = ["--cases", cases_csv, "--epochs", 1, "--min-epochs", 1, "--batch-size", 2, "--device", "cpu",
+              "--precision", "fp32", "--cache", cache, "--workers", 0, "--no-augment"]
+    code, _, err = run(capsys, "train", "--model", start, "--out", tmp_path / "run", *common)
+    assert code == 0, err
+    trained = tmp_path / "run" / "model"
+    assert bundle.load_bundle(trained).manifest["training"]["epochs_run"] == 1
+    code, _, err = run(capsys, "fine-tune", "--model", trained, "--out", tmp_path / "ft", *common)
+    assert code == 0, err
+    code, out, err = run(capsys, "evaluate", "--cases", cases_csv, "--model", tmp_path / "ft" / "model",
+                         "--out", tmp_path / "eval", "--device", "cpu", "--cache", cache, "--json",
+                         "--bootstrap", 10, "--no-write-back")
+    assert code == 0, err
+    assert "per_finding" in json.loads(out)
+
+
+def test_medimageinsight_defaults_to_its_own_input_size(capsys, tmp_path):
+    code, _, err = run(capsys, "new-model", "--backbone", "medimageinsight", "--size", "tiny", "--out", tmp_path / "b")
+    assert code == 0, err
+    manifest = bundle.read_manifest(tmp_path / "b")
+    assert manifest["preprocessing"]["image_size"] == 480 and manifest["model"]["backbone"]["image_size"] == 480
