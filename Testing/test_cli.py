@@ -106,7 +106,8 @@ def test_new_model_info_and_infer_end_to_end(capsys, tmp_path, test_data):
     code, out, _ = run(capsys, "infer", str(test_data / REAL_NIFTI), "--model", str(bundle_dir), "--device", "cpu",
                        "--top", "5")
     assert code == 0
-    lines = out.splitlines()
+    lines = [line for line in out.splitlines() if not line.startswith("!")]  # the UNTRAINED banner comes first
+    assert out.startswith("!") and "UNTRAINED" in out.splitlines()[1]
     assert lines[0].split()[:3] == ["prob", "finding", "category"]
     assert "Research use only" in out
 

@@ -33,6 +33,8 @@ LAYERS = {
     "training": 6,
     "evaluation": 7,  # reads cases and predictions through training.cases
     "slicer": 8, "benchmark": 8,
+    "reports": 9,  # HTML reports, annotated snapshots, DICOM SR / maps (uses slicer-core rendering)
+    "batch": 9.5,  # headct-molre batch: many cases through inference and reports
     "cli": 10,
 }
 

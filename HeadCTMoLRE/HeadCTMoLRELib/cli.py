@@ -60,6 +60,9 @@ def default_demo_model() -> Path:
     return resource_path("Models", "demo")
 
 
+#: Sizes small enough that a random backbone is only ever made on purpose (tests, CPU smoke runs).
+RANDOM_OK_SIZES = ("tiny",)
+
 DEMO_CAVEAT = (
     "The demo model was trained on SYNTHETIC phantoms only: its probabilities on a real scan show that the "
     "pipeline works, not what the scan contains. Research use only, not for clinical use."
@@ -98,8 +101,10 @@ def _cmd_demo(args) -> int:
     print(terminal.format_validation(report))
     print(terminal.format_stack_summary(summary))
     print(f"\nModel: {model}")
-    print(terminal.format_findings_table(prediction.findings(), limit=args.top))
+    print(terminal.format_findings_table(prediction.findings(), limit=args.top, status=prediction.model_status))
     print(f"\n{DEMO_CAVEAT}" if model == default_demo_model() else "\nResearch use only, not for clinical use.")
+    if prediction.status_label:
+        print(prediction.status_label)
     print(f"device {prediction.provenance['device']} ({prediction.provenance['precision']}), total "
           f"{prediction.timings_s['total']:.1f} s")
     for kind, path in written.items():
@@ -142,11 +147,17 @@ def _cmd_phantoms(args) -> int:
 # ------------------------------------------------------------------------------------------------- info
 def _cmd_info(args) -> int:
     from .model import bundle
+    from .model.status import bundle_status
+    from . import terminal
 
     manifest = bundle.read_manifest(args.bundle)
+    status = bundle_status(manifest).to_json()
     if args.json:
-        _print_json(manifest)
+        _print_json({**manifest, "model_status": status})
         return EXIT_OK
+    banner = terminal.format_status_banner(status)
+    if banner:
+        print(banner)
     if not args.verify:
         print(bundle.describe(manifest))
         return EXIT_OK
@@ -213,6 +224,12 @@ def _cmd_new_model(args) -> int:
     from . import findings
     from .ct import preprocess
 
+    if not args.backbone_path and not args.random_backbone and args.size not in RANDOM_OK_SIZES:
+        print(f"error: no --backbone-path: a {args.backbone} {args.size} backbone would be randomly initialised, "
+              "and training keeps it frozen, so the model could never learn. Download the pretrained weights and "
+              "pass --backbone-path DIR, or pass --random-backbone to make one on purpose (tests, benchmarks).",
+              file=sys.stderr)
+        return EXIT_REFUSED
     catalog = findings.load_catalog(args.catalog) if args.catalog else findings.default_catalog()
     torch.manual_seed(args.seed)
     image_size = args.image_size or backbones.default_image_size(args.backbone)
@@ -232,7 +249,12 @@ def _cmd_new_model(args) -> int:
         backbone_weights_dir=args.backbone_path,
         bundle_backbone=True if args.bundle_backbone else None,
     )
-    print(bundle.describe(bundle.read_manifest(path)))
+    from .model.status import bundle_status
+    from . import terminal
+
+    manifest = bundle.read_manifest(path)
+    print(terminal.format_status_banner(bundle_status(manifest).to_json()))
+    print(bundle.describe(manifest))
     print(f"\nwrote {path}")
     return EXIT_OK
 
@@ -265,9 +287,12 @@ def _cmd_infer(args) -> int:
         result["outputs"] = {k: str(v) for k, v in written.items()}
         _print_json(result)
         return EXIT_OK
-    print(terminal.format_findings_table(prediction.findings(), limit=None if args.all else args.top))
+    print(terminal.format_findings_table(prediction.findings(), limit=None if args.all else args.top,
+                                         status=prediction.model_status))
     positives = sum(1 for f in prediction.findings() if f["positive"])
     print(f"\n{positives} finding(s) above threshold (*). Research use only, not for clinical use.")
+    if prediction.status_label:
+        print(prediction.status_label)
     for warning in prediction.warnings:
         print(f"warning: {warning}")
     t = prediction.timings_s
@@ -281,16 +306,39 @@ def _cmd_infer(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------- train, fine-tune
+def _refuse_frozen_random_backbone(args) -> str | None:
+    from .model import bundle
+    from .model.status import frozen_random_backbone_error
+
+    return frozen_random_backbone_error(bundle.read_manifest(args.model),
+                                        train_backbone=bool(getattr(args, "train_backbone", False)))
+
+
 def _cmd_train(args) -> int:
     from .training import train
 
+    refusal = _refuse_frozen_random_backbone(args)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return EXIT_REFUSED
     return train.run_train_from_args(args)
 
 
 def _cmd_fine_tune(args) -> int:
     from .training import train
 
+    refusal = _refuse_frozen_random_backbone(args)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return EXIT_REFUSED
     return train.run_fine_tune_from_args(args)
+
+
+# ------------------------------------------------------------------------------------------------ batch
+def _cmd_batch(args) -> int:
+    from . import batch
+
+    return batch.run_from_args(args)
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -333,6 +381,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="MoLRE head CT finding detection: validate inputs, run models, train, evaluate. "
         "Research use only, not for clinical use.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"headct-molre {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
@@ -370,7 +421,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="also check every file's sha256, the external backbone and the signature")
     p.add_argument("--backbone-path", help="where the bundle's external backbone folder is on this machine")
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--json", action="store_true", help="print the manifest (and its model_status) as JSON")
 
     p = add("verify", _cmd_verify, "Verify a model bundle: manifest digest, file hashes, backbone, signature.")
     p.add_argument("bundle", help="model bundle folder")
@@ -404,6 +455,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="copy the backbone weights into the bundle (self-contained; larger)")
     p.add_argument("--name", help="model name shown in lists (default: the folder name)")
     p.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
+    p.add_argument("--random-backbone", action="store_true",
+                   help="allow a randomly initialised backbone without --backbone-path (tests, benchmarks); "
+                        "such a model is labelled RANDOM BACKBONE and `train` refuses it unless --train-backbone")
 
     p = add("convert-weights", _cmd_convert_weights,
             "Convert a released checkpoint (e.g. MedImageInsight's .pt) into a safetensors backbone folder.")
@@ -442,6 +496,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from .evaluation.evaluate import add_arguments as add_evaluate_arguments
 
         add_evaluate_arguments(p)
+
+    p = add("batch", _cmd_batch, "Run a model over many head CTs: per-case results, HTML reports, DICOM outputs, "
+            "a summary written as cases finish (resumable, sharded under torchrun).")
+    from .batch import add_arguments as add_batch_arguments
+
+    add_batch_arguments(p)
 
     p = add("compare", _cmd_compare,
             "The paper's Table 2: train LoRA-only and LoRA + MoLRE per backbone, compare them (MD + PNG + JSON).")

@@ -234,6 +234,13 @@ class Prediction:
     timings_s: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    model_status: dict = field(default_factory=dict)  # model.status.BundleStatus.to_json() of the bundle
+
+    @property
+    def status_label(self) -> str:
+        """One line saying why this model's findings mean nothing (synthetic, untrained, random backbone);
+        empty for a model trained on real data with a real backbone."""
+        return str(self.model_status.get("label", ""))
 
     # -- tables -------------------------------------------------------------------------------------
     def findings(self) -> list[dict]:
@@ -314,6 +321,7 @@ class Prediction:
             "timings_s": self.timings_s,
             "provenance": self.provenance,
             "warnings": list(self.warnings),
+            "model_status": dict(self.model_status),
         }
 
 
@@ -396,6 +404,7 @@ def predict(
     """
     from .ct import loader as ctio
     from .ct.preprocess import preprocess
+    from .model.status import bundle_status
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -456,4 +465,5 @@ def predict(
         timings_s=timings,
         provenance=provenance,
         warnings=list(getattr(volume, "warnings", [])) + list(stack.warnings) + notes,
+        model_status=bundle_status(the_bundle.manifest).to_json(),
     )

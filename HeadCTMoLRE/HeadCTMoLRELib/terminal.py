@@ -78,11 +78,26 @@ def format_stack_summary(summary: Mapping) -> str:
     return "\n".join(lines)
 
 
-def format_findings_table(findings: Sequence[Mapping], *, limit: int | None = None) -> str:
+def format_status_banner(status: Mapping | None) -> str:
+    """The model-status line framed so it cannot be missed ("" for a trained real model).
+
+    ``status``: model.status.BundleStatus.to_json() (or Prediction.model_status)."""
+    label = (status or {}).get("label") or ""
+    if not label:
+        return ""
+    rule = "!" * min(len(label) + 4, 110)
+    return "\n".join([rule, f"! {label}", rule])
+
+
+def format_findings_table(findings: Sequence[Mapping], *, limit: int | None = None,
+                          status: Mapping | None = None) -> str:
     """Findings sorted by probability, one row each: probability, flag, name, category, threshold.
 
-    ``findings``: dicts with id, name, category, probability, threshold, positive.
+    ``findings``: dicts with id, name, category, probability, threshold, positive. ``status``: the
+    bundle's status (BundleStatus.to_json()); its label heads the table when the model is synthetic,
+    untrained or on a random backbone.
     """
+    banner = format_status_banner(status)
     rows = sorted(findings, key=lambda f: f["probability"], reverse=True)
     if limit is not None:
         rows = rows[:limit]
@@ -96,4 +111,36 @@ def format_findings_table(findings: Sequence[Mapping], *, limit: int | None = No
             f"{f['probability']:6.3f}  {flag}  {f['name']:<{name_w}}  {f['category']:<{cat_w}}  "
             f"{f['threshold']:6.3f}"
         )
-    return "\n".join(out)
+    return "\n".join(([banner] if banner else []) + out)
+
+
+def format_duration(seconds: float) -> str:
+    """"42 s", "3 min 05 s", "2 h 07 min"."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def format_progress(done: int, total: int, elapsed_s: float, *, width: int = 24, note: str = "") -> str:
+    """One progress-bar line with the estimated time left: ``[#####.....]  12/40  30%  ETA 3 min 10 s``.
+
+    ``done``: cases finished in this run (skipped ones excluded from the rate), ``elapsed_s``: their time."""
+    total = max(int(total), 1)
+    filled = int(round(width * min(done, total) / total))
+    eta = "ETA --" if done <= 0 else f"ETA {format_duration(elapsed_s / done * max(total - done, 0))}"
+    line = f"[{'#' * filled}{'.' * (width - filled)}] {done:>{len(str(total))}}/{total} {100 * done / total:3.0f}% {eta}"
+    return f"{line}  {note}".rstrip()
+
+
+def round_value(value, digits: int = 3):
+    """Numbers for people: floats to ``digits`` significant decimals (ints and text unchanged)."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return value
+    if value != value or value in (float("inf"), float("-inf")):
+        return value
+    if abs(value) >= 100:
+        return round(value, 1)
+    return round(value, digits)

@@ -74,9 +74,12 @@ def write_phantom_dataset(out_dir: str | Path, n: int, seed: int, *, fmt: str = 
 
 
 def write_dicom_series(phantom: Phantom, folder: str | Path, *, series_seed: int = 0,
-                       patient_id: str = "PHANTOM") -> Path:
-    """Write ``phantom.image`` as an axial CT series (one file per slice, uint16 + RescaleIntercept
-    -1024, ImagePositionPatient / ImageOrientationPatient in LPS mm). UIDs derive from ``series_seed``."""
+                       patient_id: str = "PHANTOM", patient_name: str | None = None,
+                       study_description: str = "Synthetic head CT phantom",
+                       series_description: str = "HEAD NON-CONTRAST (synthetic)") -> Path:
+    """Write ``phantom.image`` (anything with an axis-aligned ``image``) as an axial CT series (one file per
+    slice, uint16 + RescaleIntercept -1024, ImagePositionPatient / ImageOrientationPatient in LPS mm). UIDs
+    derive from ``series_seed``; the descriptions and patient name default to a phantom's."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -99,8 +102,9 @@ def write_dicom_series(phantom: Phantom, folder: str | Path, *, series_seed: int
         ds = FileDataset(str(folder / f"slice_{k:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-        ds.Modality, ds.PatientID, ds.PatientName = "CT", patient_id, f"Phantom^{patient_id}"
-        ds.StudyDescription, ds.SeriesDescription = "Synthetic head CT phantom", "HEAD NON-CONTRAST (synthetic)"
+        ds.Modality, ds.PatientID = "CT", patient_id
+        ds.PatientName = patient_name or f"Phantom^{patient_id}"
+        ds.StudyDescription, ds.SeriesDescription = study_description, series_description
         ds.BodyPartExamined, ds.ImageType = "HEAD", ["DERIVED", "SECONDARY", "AXIAL"]
         ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
         ds.ImagePositionPatient = [f"{ox:.4f}", f"{oy:.4f}", f"{oz + k * sz:.4f}"]

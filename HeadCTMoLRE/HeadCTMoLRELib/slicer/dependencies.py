@@ -27,6 +27,7 @@ REQUIREMENTS: tuple[str, ...] = (
     "safetensors>=0.4",
     "psutil>=5.9",  # the background worker: Cancel ends the whole process tree
     "matplotlib>=3.7",  # plots of fine-tuning reports
+    "highdicom>=0.28,<0.29",  # DICOM results (SR, Parametric Map, Segmentation) exported from the panel
     "cryptography>=42,<47",  # ed25519 signatures of model bundles (model/signing.py)
 )
 
