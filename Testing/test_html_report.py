@@ -13,7 +13,7 @@ import pytest
 
 from HeadCTMoLRELib import inference
 from HeadCTMoLRELib.reports import html
-from HeadCTMoLRELib.reports.snapshots import ColorScale, SnapshotLegend, annotate_axial_snapshot
+from HeadCTMoLRELib.slicer.snapshot_legend import ColorScale, SnapshotLegend, annotate_axial_snapshot
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

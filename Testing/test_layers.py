@@ -33,7 +33,7 @@ LAYERS = {
     "training": 6,
     "evaluation": 7,  # reads cases and predictions through training.cases
     "slicer": 8, "benchmark": 8,
-    "reports": 9,  # HTML reports, annotated snapshots, DICOM SR / maps (uses slicer-core rendering)
+    "reports": 7.5,  # HTML reports and DICOM SR / maps (never slicer)
     "batch": 9.5,  # headct-molre batch: many cases through inference and reports
     "cli": 10,
 }

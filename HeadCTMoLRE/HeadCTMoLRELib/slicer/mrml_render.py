@@ -118,7 +118,7 @@ def _overlay_scale(node, value: float | None):
     """The attention overlay's colour scale as drawn: colours over the display's window (min..max)."""
     import numpy as np
 
-    from ..reports.snapshots import ColorScale
+    from .snapshot_legend import ColorScale
 
     display = node.GetDisplayNode() if node is not None else None
     color_node = display.GetColorNode() if display is not None else None
@@ -148,10 +148,10 @@ def render_annotated_snapshot(scene, nodes, ras_s: float, path: str | os.PathLik
     """A PNG a reader understands at a glance: the axial slice at RAS S = ``ras_s`` mm with the attention
     overlay and expert outlines, plus ``title`` (finding and probability), the slice position in mm, L/R and
     A/P markers, the attention colour bar with its units and this slice's value, the expert legend with
-    the colour table's names, and ``status_label`` (see reports.snapshots)."""
+    the colour table's names, and ``status_label`` (see snapshot_legend)."""
     import numpy as np
 
-    from ..reports.snapshots import SnapshotLegend, annotate_axial_snapshot
+    from .snapshot_legend import SnapshotLegend, annotate_axial_snapshot
     from .mrml_geometry import lps_to_ras
 
     rgba, fov = render_axial_rgba(scene, nodes, ras_s, size=size, opacity=opacity)
