@@ -332,7 +332,7 @@ def test_training_on_an_import_records_the_dataset_in_the_bundle_and_card(ct_ich
     provenance carries the dataset sidecar, and the model card shows the dataset and its licence."""
     from test_train import make_start_bundle, tiny_config
 
-    from HeadCTMoLRELib.evaluation import report
+    from HeadCTMoLRELib.evaluation.model_card import model_card
     from HeadCTMoLRELib.model import bundle
     from HeadCTMoLRELib.training import train
 
@@ -354,5 +354,5 @@ def test_training_on_an_import_records_the_dataset_in_the_bundle_and_card(ct_ich
     manifest = bundle.load_bundle(result.bundle_path).manifest
     dataset = manifest["training"]["dataset"]
     assert dataset["dataset"] == "ct-ich" and "PhysioNet" in dataset["license"] and "inherits" in dataset["terms"]
-    card = report.model_card(manifest)
+    card = model_card(manifest)
     assert "PhysioNet" in card and "dataset.terms" in card

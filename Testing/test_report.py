@@ -11,6 +11,7 @@ import pytest
 
 from HeadCTMoLRELib import findings, metrics
 from HeadCTMoLRELib.evaluation import report
+from HeadCTMoLRELib.evaluation.model_card import model_card
 
 nan = math.nan
 
@@ -139,32 +140,64 @@ def _manifest(catalog, **overrides):
     return manifest
 
 
-REQUIRED_SECTIONS = ("## Model details", "## Intended use", "## Training data", "## Evaluation", "## Limitations",
-                     "## How to cite", "## License")
+REQUIRED_SECTIONS = ("## Summary", "## Intended use", "## Limitations", "## Results by category", "## Evaluation",
+                     "## Training data", "## How to cite", "## License", "## Per-finding results")
+
+
+def _evaluation():
+    return {"mean_auc": 0.912, "std_auc": 0.04, "n_findings_evaluated": 2, "n_cases": 50,
+            "n_cases_evaluated": 49, "strata": {"auc_ge_0.90": 1, "auc_0.80_0.90": 1, "auc_lt_0.80": 0},
+            "calibration": {"ece_before": 0.11, "ece_after": 0.03, "temperature": 1.3, "n_bins": 10},
+            "thresholds": {"target_sensitivity": 0.9, "fitted_on": "fit cases"}, "synthetic_cases": True,
+            "figures": "held-out",
+            "per_finding": {"epidural_hematoma": {"name": "Epidural hematoma", "category": "Hemorrhage", "auc": 0.95,
+                                                  "ci_low": 0.9, "ci_high": 0.99, "n_pos": 5, "n_neg": 44},
+                            "subdural_hematoma": {"name": "Acute subdural hematoma", "category": "Hemorrhage",
+                                                  "auc": 0.87, "n_pos": 4, "n_neg": 45}}}
 
 
 def test_model_card_has_every_required_section_and_the_facts(catalog):
-    evaluation = {"mean_auc": 0.912, "std_auc": 0.04, "n_findings_evaluated": 2, "n_cases": 50,
-                  "n_cases_evaluated": 49, "strata": {"auc_ge_0.90": 1, "auc_0.80_0.90": 1, "auc_lt_0.80": 0},
-                  "calibration": {"ece_before": 0.11, "ece_after": 0.03, "temperature": 1.3, "n_bins": 10},
-                  "thresholds": {"target_sensitivity": 0.9}, "synthetic_cases": True,
-                  "per_finding": {"epidural_hematoma": {"name": "Epidural hematoma", "auc": 0.95, "n_pos": 5},
-                                  "subdural_hematoma": {"name": "Acute subdural hematoma", "auc": 0.87, "n_pos": 4}}}
-    card = report.model_card(_manifest(catalog), evaluation)
-    for section in REQUIRED_SECTIONS + ("## Training protocol",):
-        assert section in card, section
+    card = model_card(_manifest(catalog), _evaluation())
+    positions = [card.index(section) for section in REQUIRED_SECTIONS]
+    assert positions == sorted(positions), "sections out of the reading order"
+    assert "## Training protocol" in card and "## Training record" in card
     assert "Research use only, not for clinical use" in card
-    assert "synthetic" in card.lower() and "Not for clinical use" in card
-    assert "dinov3 (small)" in card and "K=6 experts" in card and "total 1,000" in card
+    assert "synthetic" in card.lower() and "Not for clinical use" in card and "SYNTHETIC MODEL" in card
+    assert "dinov3 (small)" in card and "MoLRE K=6 experts" in card and "total 1,000; trainable 100 (10.0%)" in card
     assert "train_cases: 120" in card and "optimizer.name: AdamW" in card
+    assert "| Evaluation | mean AUC 0.912 ± 0.040 over 2 of 75 findings, 49 cases, held-out; synthetic phantoms |" in card
     assert "Mean AUC: 0.912" in card and "AUC >= 0.90: 1" in card and "0.110 as the bundle was given (held-out), 0.030" in card
-    assert "| Epidural hematoma | 0.950 |" in card
+    assert "| Hemorrhage | 2 of " in card  # per category: findings evaluated of the catalog's
+    assert "| Epidural hematoma | Hemorrhage | 5 | 44 | 0.950 | 0.900-0.990 |" in card
     assert "73 of the catalog's findings were not evaluated" in card
+    assert "fitted on the fit cases, separate from the cases reported" in card
     assert "arXiv:2603.00675" in card and "Apache-2.0" in card
 
 
+def test_model_card_reads_in_two_minutes_however_long_the_training_record(catalog):
+    history = [{"epoch": e, "train_loss": 0.1, "val_auc": {fid: 0.7 for fid in catalog.ids}} for e in range(40)]
+    training = {"train_cases": 120, "val_cases": 30, "epochs_run": 40, "history": history,
+                "counts": {"train": 120, "val": 30, "train_positives": {fid: 3 for fid in catalog.ids}},
+                "note": "x" * 5000, "config": {"lr_heads": 1e-3, "lr_adapters": 1e-4, "seed": 7}}
+    evaluation = _evaluation()
+    evaluation["per_finding"] = {fid: {"auc": 0.8, "n_pos": 4, "n_neg": 40} for fid in catalog.ids}
+    card = model_card(_manifest(catalog, training=training), evaluation)
+    lines = card.splitlines()
+    assert max(len(line) for line in lines) <= 400, max(lines, key=len)[:200]
+    assert "- history: 40 entries" in card and "- counts.train_positives: 75 entries" in card
+    summary = card[:card.index("## Per-finding results")]
+    assert len(summary.splitlines()) < 120, "the part before the long tables must stay short"
+    assert "| train pos |" in card and "learning rates: heads 0.001, adapters 0.0001" in card
+
+
+def test_model_card_says_when_thresholds_are_in_sample(catalog):
+    evaluation = _evaluation()
+    evaluation["thresholds"]["fitted_on"] = "evaluated cases (in-sample)"
+    assert "are optimistic" in model_card(_manifest(catalog), evaluation)
+
+
 def test_model_card_of_untrained_unevaluated_bundle_says_so(catalog):
-    card = report.model_card(_manifest(catalog, training=None, synthetic_training_data=None, metrics=None))
+    card = model_card(_manifest(catalog, training=None, synthetic_training_data=None, metrics=None))
     for section in REQUIRED_SECTIONS:
         assert section in card
     assert "No training provenance is recorded" in card
@@ -178,6 +211,6 @@ def test_model_card_reads_metrics_written_back_into_the_manifest(catalog):
                                               "per_finding_auc": {"epidural_hematoma": 0.8}}}
     manifest = _manifest(catalog, metrics=stored)
     manifest["model"]["use_molre"] = False
-    card = report.model_card(manifest)
-    assert "Mean AUC: 0.800" in card and "| Epidural hematoma | 0.800 |" in card
+    card = model_card(manifest)
+    assert "Mean AUC: 0.800" in card and "| Epidural hematoma | Hemorrhage | 0.800 |" in card
     assert "LoRA-only baseline" in card

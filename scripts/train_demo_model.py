@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     import torch
 
     from HeadCTMoLRELib.model import bundle
-    from HeadCTMoLRELib.evaluation import report
+    from HeadCTMoLRELib.evaluation.model_card import model_card
 
     args = parse_args(argv)
     torch.set_num_threads(2)
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
                        description=DEMO_DESCRIPTION, backbone_weights_dir=backbone_folder, bundle_backbone=True,
                        training=training, metrics=trained.manifest.get("metrics"), overwrite=True,
                        synthetic_training_data=True)
-    card = report.model_card(bundle.read_manifest(out))
+    card = model_card(bundle.read_manifest(out))
     bundle.update_bundle(out, extra_files={"model_card.md": card})
     _log(f"wrote {out} in {timings['total_s']} s in all ({timings})")
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from .. import calibration as calibration_lib, metrics
 from . import report
+from .model_card import model_card
 
 EVALUATION_JSON = "evaluation.json"
 PER_FINDING_TSV = "per_finding.tsv"
@@ -606,7 +607,7 @@ def evaluate(cases_csv: str | os.PathLike, bundle_path: str | os.PathLike, out_d
         record = calibration_lib.calibration_record(
             temperature=result.temperature, prior_correction=prior, fitted_temperature=result.fitted_temperature,
             fitted_on=_fitted_on_record(fit_table, fit_split, int(fit_labels.shape[0]), model))
-    card = report.model_card(_manifest_for_card(model.manifest, evaluation, thresholds, record), evaluation)
+    card = model_card(_manifest_for_card(model.manifest, evaluation, thresholds, record), evaluation)
     files = _write_tables_and_plots(out, model.catalog, label, result, evaluation, compared)
     (out / MODEL_CARD).write_text(card, encoding="utf-8")
     files.append(MODEL_CARD)

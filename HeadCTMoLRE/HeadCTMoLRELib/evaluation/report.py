@@ -1,10 +1,11 @@
-"""Evaluation reports: PNG plots, TSV / Markdown tables and the model card of a bundle.
+"""Evaluation reports: PNG plots, TSV / Markdown tables, and the citation and license texts the model card
+(``evaluation.model_card``) uses.
 
 Plots are drawn on explicit ``matplotlib.figure.Figure`` objects with the Agg canvas, never through
 pyplot's global state, so that nothing leaks between plots and nothing opens a window (safe inside
 Slicer and on headless servers). Per-finding arrays are (C,) in catalog order.
 
-The tables and the model card read the evaluation dict that :func:`evaluate.evaluate` writes as
+The tables read the evaluation dict that :func:`evaluate.evaluate` writes as
 ``evaluation.json`` (keys ``mean_auc``, ``std_auc``, ``n_findings_evaluated``, ``strata``,
 ``per_finding``, ``calibration``, ``thresholds``, ``failures``, ...); missing keys are tolerated.
 """
@@ -328,206 +329,16 @@ def calibration_sentence(calibration: Mapping) -> str:
             f"{calibration.get('n_bins', 10)} equal-width bins): {_fmt(calibration.get('ece_before'))} as the bundle "
             "was given (held-out)")
     if calibration.get("ece_after") is not None:
-        text += (f", {_fmt(calibration.get('ece_after'))} with {calibration.get('method')} "
-                 f"(T = {_fmt(calibration.get('temperature'))}) fitted on the {calibration.get('fitted_on')} "
-                 f"({calibration.get('after_is')})")
+        text += (f", {_fmt(calibration.get('ece_after'))} with {calibration.get('method') or 'temperature scaling'} "
+                 f"(T = {_fmt(calibration.get('temperature'))})"
+                 + (f" fitted on the {calibration['fitted_on']}" if calibration.get("fitted_on") else "")
+                 + (f" ({calibration['after_is']})" if calibration.get("after_is") else " (where fitted is not recorded)"))
     if bundle.get("ece_all_findings") is not None:
         text += f"; pooled over all {bundle.get('n_findings_all')} findings {_fmt(bundle['ece_all_findings'])}"
     return text
 
 
-# ------------------------------------------------------------------------------------------ model card
 def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
     return "n/a" if value is None else str(value)
-
-
-def _flat_items(mapping: Mapping, prefix: str = "") -> list[tuple[str, str]]:
-    items = []
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            items += _flat_items(value, f"{name}.")
-        elif isinstance(value, (list, tuple)) and len(value) > 8:
-            items.append((name, f"{len(value)} items"))
-        else:
-            items.append((name, _fmt(value) if isinstance(value, float) else str(value)))
-    return items
-
-
-def _model_details(manifest: Mapping) -> list[str]:
-    model = manifest.get("model") or {}
-    backbone = model.get("backbone") or {}
-    lora = backbone.get("lora") or {}
-    molre = model.get("molre") or {}
-    weights = (manifest.get("backbone") or {}).get("weights") or {}
-    pre = manifest.get("preprocessing") or {}
-    params = manifest.get("parameters") or {}
-    findings = (manifest.get("findings") or {}).get("findings") or []
-    use_molre = model.get("use_molre", True)
-    lines = [
-        "## Model details", "",
-        f"- Name: {manifest.get('name')}" + (f" — {manifest['description']}" if manifest.get("description") else ""),
-        f"- Created: {manifest.get('created')}" + (f"; updated {manifest['updated']}" if manifest.get("updated") else ""),
-        f"- Software: " + ", ".join(f"{k} {v}" for k, v in (manifest.get("created_by") or {}).items()),
-        f"- Backbone: {backbone.get('family')} ({backbone.get('size')}) at {backbone.get('image_size')} px, frozen; "
-        f"weights {weights.get('kind', '?')} (origin: {weights.get('origin') or weights.get('folder') or 'unknown'})",
-        f"- Adaptation: LoRA r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')} on "
-        f"{lora.get('targets')} layers; "
-        + (f"MoLRE with K={molre.get('num_experts')} experts of rank {molre.get('rank')} and router hidden size "
-           f"{molre.get('router_hidden')} (soft routing per slice), attention pooling over slices, linear head"
-           if use_molre else "no MoLRE (the paper's LoRA-only baseline), attention pooling over slices, linear head"),
-        "- Parameters: " + (", ".join(f"{k} {v:,}" for k, v in params.items()) if params else "not recorded"),
-        f"- Outputs: {len(findings)} finding probabilities (sigmoid, multi-label), catalog version "
-        f"{str((manifest.get('findings') or {}).get('version', ''))[:12]}",
-        f"- Input: non-contrast head CT resampled to {pre.get('num_slices')} slices of {pre.get('slice_spacing_mm')} mm, "
-        f"{pre.get('image_size')} px over {pre.get('in_plane_fov_mm')} mm, windows {pre.get('windows_hu')} HU, "
-        f"alignment {pre.get('alignment')}",
-        f"- Decision rule: probability >= per-finding threshold; calibration temperature "
-        f"{_fmt(float(manifest.get('temperature', 1.0)))}",
-    ]
-    return lines
-
-
-def _training_section(manifest: Mapping) -> list[str]:
-    training = manifest.get("training") or {}
-    synthetic = manifest.get("synthetic_training_data")
-    lines = ["## Training data", ""]
-    if synthetic:
-        lines.append("- **Trained on synthetic head CT phantoms only** (procedurally generated; no patient data).")
-    elif synthetic is False:
-        lines.append("- Trained on real head CT studies (see the provenance below).")
-    else:
-        lines.append("- Whether the training data were synthetic is not recorded.")
-    if not training:
-        lines += ["- No training provenance is recorded: this bundle was not trained by `headct-molre train` "
-                  "(for example it was created by `new-model` with random adapters). Its outputs carry no "
-                  "diagnostic information until it is trained.", ""]
-        return lines
-    data_keys = [k for k in training if any(w in k for w in ("case", "train", "val", "split", "csv", "data", "seed"))]
-    for key in data_keys:
-        value = training[key]
-        if not isinstance(value, (Mapping, list)):
-            lines.append(f"- {key}: {_fmt(value)}")
-    lines += ["", "## Training protocol", ""]
-    lines.append("Recorded in the bundle's manifest (`training`):")
-    lines.append("")
-    for key, value in _flat_items({k: v for k, v in training.items() if k not in data_keys or isinstance(v, (Mapping, list))}):
-        lines.append(f"- {key}: {value}")
-    lines.append("")
-    return lines
-
-
-def _metrics_section(manifest: Mapping, evaluation: Mapping | None) -> tuple[list[str], list[str]]:
-    """Metrics lines and the ids of catalog findings that were not evaluable."""
-    ids = [row["id"] for row in ((manifest.get("findings") or {}).get("findings") or [])]
-    stored = manifest.get("metrics") or {}
-    source = evaluation or stored.get("evaluation") or stored
-    lines = ["## Evaluation", ""]
-    if not source or source.get("mean_auc") is None and not source.get("per_finding"):
-        lines += ["No evaluation is recorded for this bundle. Run `headct-molre evaluate --cases CSV --model "
-                  "BUNDLE --out DIR` on held-out labelled cases.", ""]
-        return lines, ids
-    where = source.get("cases_csv") or source.get("evaluated_on")
-    lines.append(f"- Evaluation cases: {source.get('n_cases_evaluated', '?')} of {source.get('n_cases', '?')}"
-                 + (f" from `{Path(str(where)).name}`" if where else "")
-                 + (f", evaluated {source['evaluated']}" if source.get("evaluated") else ""))
-    if source.get("mean_auc") is not None:
-        lines.append(f"- Mean AUC: {_fmt(source['mean_auc'])} ± {_fmt(source.get('std_auc'))} (population SD) over "
-                     f"{source.get('n_findings_evaluated')} of {len(ids)} findings with both classes present")
-    strata = source.get("strata") or {}
-    if strata:
-        lines.append("- Findings per AUC stratum (the paper's): "
-                     + "; ".join(f"{STRATUM_LABELS.get(k, k)}: {v}" for k, v in strata.items()))
-    calibration = source.get("calibration") or {}
-    if calibration:
-        lines.append(calibration_sentence(calibration))
-    if source.get("synthetic_cases"):
-        lines.append("- The evaluation cases are **synthetic phantoms**, not patient scans.")
-    comparison = source.get("comparison") or {}
-    if comparison.get("mean_gain") is not None:
-        ci = comparison.get("mean_gain_ci")
-        lines.append(f"- Compared with {comparison.get('reference_name')} on the same {comparison.get('n_cases')} cases: "
-                     f"mean AUC {_fmt(comparison.get('mean_auc_reference'))} -> {_fmt(comparison.get('mean_auc_candidate'))}, "
-                     f"gain {comparison['mean_gain']:+.3f}"
-                     + (f" (95% paired bootstrap interval {ci[0]:+.3f} to {ci[1]:+.3f})" if ci else "")
-                     + f"; {comparison.get('n_improved')} findings better, {comparison.get('n_worse')} worse")
-    thresholds = source.get("thresholds") or {}
-    if thresholds.get("target_sensitivity") is not None:
-        lines.append(f"- Thresholds: chosen per finding for sensitivity >= {thresholds['target_sensitivity']:.2f} on "
-                     f"the {thresholds.get('fitted_on', 'evaluated cases')}; 0.5 where a finding had no positive case; "
-                     f"the operating points reported are held-out, at {thresholds.get('reported_at', 'these thresholds')}")
-    per_finding = source.get("per_finding") or {}
-    per_finding_auc = source.get("per_finding_auc") or {}
-    if per_finding or per_finding_auc:
-        if not per_finding:
-            per_finding = {fid: {"auc": auc} for fid, auc in per_finding_auc.items()}
-        names = {row["id"]: row.get("name", row["id"]) for row in (manifest.get("findings") or {}).get("findings") or []}
-        rows = [dict(row, name=row.get("name") or names.get(row["id"], row["id"])) for row in sorted_rows(per_finding)
-                if row.get("auc") is not None]
-        lines += ["", f"Per-finding AUC ({len(rows)} findings evaluated), best first:", ""]
-        columns = [c for c in ("name", "auc", "ci_low", "ci_high", "n_pos", "n_neg", "threshold", "sensitivity",
-                               "specificity", "ppv") if any(c in r for r in rows)]
-        lines.append(table_markdown(rows, columns, [c.replace("_", " ") for c in columns]).rstrip())
-        evaluated = {row["id"] for row in rows}
-    else:
-        evaluated = set()
-    lines.append("")
-    return lines, [fid for fid in ids if fid not in evaluated]
-
-
-def model_card(manifest: Mapping, evaluation: Mapping | None = None) -> str:
-    """The Markdown model card of a bundle, from its manifest and (optionally) an evaluation dict.
-
-    Sections: model details, intended use, training data and protocol, evaluation (mean AUC, strata,
-    calibration, per-finding table), limitations (synthetic data, findings never evaluated, in-sample
-    calibration), how to cite, license. Without ``evaluation`` the metrics stored in the manifest are
-    used, and their absence is stated.
-    """
-    name = manifest.get("name", "model")
-    synthetic = manifest.get("synthetic_training_data")
-    lines = [f"# Model card: {name}", ""]
-    if synthetic:
-        lines += ["> **Synthetic demonstration model. Trained on computer-generated phantoms, not on patients. "
-                  "Not for clinical use.**", ""]
-    lines += _model_details(manifest) + [""]
-    lines += ["## Intended use", "", "**Research use only, not for clinical use.**", ""]
-    if manifest.get("intended_use"):
-        lines += [manifest["intended_use"], ""]
-    lines += ["This model is not a medical device, has not been cleared or approved by any regulator, and must not "
-              "inform the diagnosis or treatment of a patient. Intended users are imaging-AI researchers and "
-              "research radiologists studying parameter-efficient adaptation of foundation models to head CT. "
-              "Inputs must be non-contrast head CT of adults.", ""]
-    lines += _training_section(manifest)
-    metric_lines, not_evaluated = _metrics_section(manifest, evaluation)
-    lines += metric_lines
-    limitations = ["## Limitations", ""]
-    evaluated_on = evaluation or (manifest.get("metrics") or {}).get("evaluation") or {}
-    if evaluated_on.get("synthetic_cases"):
-        limitations.append("- Evaluated on synthetic phantoms: these figures say nothing about real scans.")
-    if synthetic:
-        limitations.append("- Trained on synthetic phantoms: performance on real scans is unknown and expected to be "
-                           "poor; the phantom renders only a subset of the findings.")
-    if not_evaluated:
-        shown = ", ".join(not_evaluated[:12]) + (f", … ({len(not_evaluated) - 12} more)" if len(not_evaluated) > 12 else "")
-        limitations.append(f"- {len(not_evaluated)} of the catalog's findings were not evaluated (no positive or no "
-                           f"negative case): {shown}. Nothing is known about the model on these.")
-    limitations += [
-        "- AUC intervals are percentile bootstrap intervals over cases; with few positive cases they are wide and "
-        "the AUC itself is unstable.",
-        "- Temperature and thresholds are fitted on the evaluation cases themselves; the calibration figures after "
-        "scaling are therefore optimistic. Re-evaluate on independent cases before relying on them.",
-        "- Performance depends on the scanner, protocol, population and label definitions of the training data; "
-        "expect a drop on data from other sites. Scans that fail the input checks (non-head, contrast, "
-        "incomplete coverage, wrong units) are refused rather than scored.",
-        "- A multi-label classifier: it does not localise findings; per-slice attention and contributions show "
-        "which slices drove a score, not where a lesion is.", "",
-    ]
-    lines += limitations
-    lines += ["## How to cite", "", "If you use this model or the HeadCTMoLRE software, cite the MoLRE paper:", "",
-              PAPER_CITATION, "", "```bibtex", PAPER_BIBTEX, "```", ""]
-    lines += ["## License", "",
-              f"HeadCTMoLRE code: {CODE_LICENSE}. The backbone weights keep the license of their origin "
-              "(see the backbone origin above); adapters trained on your data are subject to that data's terms.", ""]
-    return "\n".join(lines)
