@@ -77,8 +77,9 @@ def main() -> int:
             print(f"{label}: {summary.total:,} files, {summary.scanned:,} read, {summary.reused:,} from the index, "
                   f"{summary.seconds:.1f} s = {summary.files_per_second:,.0f} files/s")
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"index {index.stat().st_size / 1e6:.1f} MB; peak memory of the scanning process {peak_mb:.0f} MB; "
-              f"{os.cpu_count()} CPUs")
+        child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker (and writer)
+        print(f"index {index.stat().st_size / 1e6:.1f} MB; peak memory of the scanning process {peak_mb:.0f} MB, "
+              f"of its largest child process {child_mb:.0f} MB; {os.cpu_count()} CPUs")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
