@@ -561,6 +561,12 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startJob(job, "fine_tune", self.ui.fineTuneProgressBar, self.ui.fineTuneStatusLabel)
 
     def _onFineTuneResult(self, message: dict) -> None:
+        if not message.get("bundle"):  # e.g. no epoch gave a validation AUC to keep a best model by
+            self.ui.fineTuneStatusLabel.text = _(
+                "Fine-tuning ended ({status}, {epochs} epoch(s)) without saving a model: no epoch improved the "
+                "validation AUC. Check that the validation cases hold positives and negatives of the findings, "
+                "or train longer.").format(status=message.get("status", "?"), epochs=message.get("epochs_run", 0))
+            return
         self._refreshModelLists(selectPath=str(self._job.result_folder))
         self.ui.fineTuneStatusLabel.text = _("New model saved to {folder} and selected in the model list.").format(
             folder=self._job.result_folder)
