@@ -50,6 +50,49 @@ def _wait(widget, condition, what: str, timeout_s: float = 90.0) -> float:
     return time.perf_counter() - start
 
 
+def instrument_run(widget) -> dict:
+    """Times of a Run as the panel sees them: the first progress message (worker started, packages imported,
+    model loading begun) and the main-thread time spent showing the result (nodes, table, overlays)."""
+    times: dict = {}
+    progress, result = widget._onJobProgress, widget._onInferenceResult
+
+    def on_progress(*args):
+        times.setdefault("first_progress_at", time.perf_counter())
+        progress(*args)
+
+    def on_result(message):
+        start = time.perf_counter()
+        result(message)
+        times["result_display_s"] = round(time.perf_counter() - start, 3)
+        times["worker_timings_s"] = {k: round(float(v), 3) for k, v in (widget._prediction.timings_s or {}).items()}
+
+    widget._onJobProgress, widget._onInferenceResult = on_progress, on_result
+    return times
+
+
+def timed_run(widget, facts: dict, timeout_s: float = 600.0) -> tuple:
+    """Click Run and wait for the result; adds run_click_s, worker_first_progress_s, run_to_result_s,
+    result_display_s and the worker's own timings to ``facts``. Returns what the panel showed while the job
+    ran: (Run button text, progress bar shown, Fine-tune enabled, Detect enabled, the run folder)."""
+    import slicer_gui_standins as gui
+
+    times = instrument_run(widget)
+    start = time.perf_counter()
+    with gui.expect_no_slot_errors():
+        widget.ui.applyButton.click()
+        facts["run_click_s"] = round(time.perf_counter() - start, 3)
+        assert widget._jobKind == "infer", f"Run did not start: {widget.ui.statusLabel.text!r}"
+        ui = widget.ui
+        running = (ui.applyButton.text, ui.progressBar.visible, ui.fineTuneButton.enabled, ui.detectDeviceButton.enabled,
+                   str(widget._job.result_folder))
+        facts["run_to_result_s"] = round(_wait(widget, lambda: widget._job is None, "the analysis", timeout_s) +
+                                         facts["run_click_s"], 2)
+    if "first_progress_at" in times:
+        facts["worker_first_progress_s"] = round(times.pop("first_progress_at") - start, 2)
+    facts.update(times)
+    return running
+
+
 def _no_torch(where: str) -> None:
     assert "torch" not in sys.modules or sys.modules["torch"] is None, f"torch was imported into the GUI process {where}"
 
@@ -247,15 +290,10 @@ def walk_full(args) -> dict:
     ui.inputVolumeSelector.setCurrentNode(ct)
     ui.deviceComboBox.currentIndex = ui.deviceComboBox.findText("cpu")
     assert widget._parameterNode.device == "cpu"
-    start = time.perf_counter()
-    with gui.expect_no_slot_errors():
-        ui.applyButton.click()
-    facts["run_start_s"] = round(time.perf_counter() - start, 3)
-    assert ui.applyButton.text == "Cancel" and ui.progressBar.visible
-    assert not ui.fineTuneButton.enabled and not ui.detectDeviceButton.enabled, "other work allowed during a run"
-    run_folder = Path(widget._job.result_folder)
-    with gui.expect_no_slot_errors():
-        facts["run_to_result_s"] = round(_wait(widget, lambda: widget._job is None, "the analysis"), 2)
+    text, progress_shown, fine_tune_enabled, detect_enabled, run_folder = timed_run(widget, facts, timeout_s=120)
+    assert text == "Cancel" and progress_shown, "Run did not turn into Cancel with a progress bar"
+    assert not fine_tune_enabled and not detect_enabled, "other work allowed during a run"
+    run_folder = Path(run_folder)
     assert ui.statusLabel.text.startswith("Done:"), f"the run ended with {ui.statusLabel.text!r}"
     assert "UNTRAINED" in ui.resultStatusLabel.text, f"results without the model status: {ui.resultStatusLabel.text!r}"
     assert "UNTRAINED" in ui.statusLabel.text
@@ -352,16 +390,49 @@ def walk_full(args) -> dict:
     return facts
 
 
+# --------------------------------------------------------------------------------------------- timing
+def walk_timing(args) -> dict:
+    """The first Run as a user does it, for docs/slicer.md: panel, listing, a CT file, the chosen model, Run."""
+    module, facts = load_module(args.work, args.slicer_python)
+    import slicer
+
+    from HeadCTMoLRELib.ct import loader
+    from HeadCTMoLRELib.slicer import mrml
+
+    _pytorch_extension([])
+    widget = open_panel(module, facts)
+    start = time.perf_counter()
+    widget._refreshModelLists()
+    facts["listing_again_s"] = round(time.perf_counter() - start, 3)
+    ui = widget.ui
+    index = ui.modelComboBox.findData(args.model)
+    assert index >= 0, f"model {args.model!r} is not listed"
+    ui.modelComboBox.currentIndex = index
+    volume = loader.load_ct(args.ct)
+    node = mrml.volume_node_from_image(slicer.mrmlScene, volume.image, "CT")
+    facts["ct_voxels"] = list(volume.image.GetSize())
+    ui.inputVolumeSelector.setCurrentNode(node)
+    ui.deviceComboBox.currentIndex = ui.deviceComboBox.findText(args.device)
+    timed_run(widget, facts)
+    _no_torch("during the timed run")
+    facts["status"] = ui.statusLabel.text
+    widget.cleanup()
+    return facts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("fresh", "full"))
+    parser.add_argument("mode", choices=("fresh", "full", "timing"))
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--slicer-python", help="<Slicer source>/Base/Python: use Slicer's own wrapper and bases")
     parser.add_argument("--trained", type=Path)
     parser.add_argument("--dicom", type=Path)
     parser.add_argument("--cases", type=Path)
+    parser.add_argument("--ct", type=Path, help="timing: the CT file to run on")
+    parser.add_argument("--model", default="demo", help="timing: the model id (default demo)")
+    parser.add_argument("--device", default="cpu", help="timing: auto, cuda or cpu (default cpu)")
     args = parser.parse_args()
-    facts = walk_fresh(args) if args.mode == "fresh" else walk_full(args)
+    facts = {"fresh": walk_fresh, "full": walk_full, "timing": walk_timing}[args.mode](args)
     print(json.dumps(facts, default=str))
     return 0
 

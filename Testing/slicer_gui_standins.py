@@ -1142,6 +1142,7 @@ class ModuleWidgetParent(qMRMLWidget):
     def __init__(self):
         super().__init__()
         self.isEntered = True
+        self.setLayout(QVBoxLayout())
 
 
 class ModuleParent(QObject):
