@@ -249,6 +249,7 @@ def walk_fresh(args) -> dict:
     installs_accepted = _pytorch_extension([])
     sys.modules["PyTorchUtils"].PyTorchUtilsLogic.installTorch = lambda self, **kwargs: (
         installs_accepted.append(kwargs), accept(**kwargs))[1]
+    gui.DIALOGS.answers["confirmOkCancelDisplay"] = [True]  # other packages, where this Python lacks any
     with gui.expect_no_slot_errors():
         ui.applyButton.click()  # accepted: the analysis starts in the worker at once
     assert installs_accepted, "the second Run did not ask to install torch"
@@ -263,6 +264,7 @@ def walk_fresh(args) -> dict:
     assert not Path(run_folder).exists(), f"the cancelled run's folder {run_folder} is left behind"
     _no_torch("on a fresh install")
     widget.cleanup()
+    assert not gui.SLOT_ERRORS, "slots raised during the walk:\n" + "\n".join(gui.SLOT_ERRORS)
     facts["dialogs"] = gui.DIALOGS.shown
     return facts
 
@@ -386,6 +388,7 @@ def walk_full(args) -> dict:
     widget.cleanup()
     leftovers = sorted(Path(tempfile.gettempdir()).glob("headct-molre-run-*"))
     assert not leftovers, f"run folders left in the temp folder: {leftovers}"
+    assert not gui.SLOT_ERRORS, "slots raised during the walk:\n" + "\n".join(gui.SLOT_ERRORS)
     facts["dialogs"] = gui.DIALOGS.shown
     return facts
 

@@ -92,7 +92,8 @@ def test_fresh_install_lists_models_enables_run_and_run_asks_to_install_torch(wa
     assert "errorDisplay" not in kinds, facts["dialogs"]
 
 
-def test_run_cancel_finding_export_detect_fine_tune_and_scene_close_with_a_real_worker(walk_data, tmp_path):
+@pytest.mark.slow  # ~30 s on 2 busy cores: a worker start with torch, one inference, one fine-tuning epoch
+def test_run_finding_export_detect_fine_tune_and_scene_close_with_a_real_worker(walk_data, tmp_path):
     facts = run_walk("full", walk_data, tmp_path / "full", "--trained", str(walk_data["trained"]),
                      "--dicom", str(walk_data["dicom"]), "--cases", str(walk_data["cases"]))
     assert [kind for kind, _ in facts["dialogs"]] == ["getExistingDirectory"], facts["dialogs"]
