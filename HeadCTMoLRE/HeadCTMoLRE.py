@@ -153,7 +153,7 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None  # the running WorkerJob (one at a time: both kinds share one worker process)
+        self._job = None  # the running WorkerJob or ThreadJob (one at a time: the jobs share one worker process)
         self._jobKind = None  # "infer", "fine_tune", "device" (Detect) or "dicom" (export)
         self._jobInput = None  # the CT node of a running inference
         self._nodes = None  # mrml.PredictionNodes shown in the panel
@@ -540,6 +540,7 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             prediction, ctNode = self._prediction, self._predictionInput
             job = self.logic.start_export_dicom(prediction, folder, ct_node=ctNode)
             self._startJob(job, "dicom", self.ui.progressBar, self.ui.statusLabel)
+            self.ui.progressBar.format = _("writing DICOM files")
             self.ui.statusLabel.text = _("Writing DICOM results into {folder}...").format(folder=folder)
 
     def _onDicomResult(self, message: dict) -> None:
