@@ -99,3 +99,29 @@ def test_run_finding_export_detect_fine_tune_and_scene_close_with_a_real_worker(
     assert [kind for kind, _ in facts["dialogs"]] == ["getExistingDirectory"], facts["dialogs"]
     assert (walk_data["models"] / "my ward model" / "manifest.json").is_file()
 
+
+
+def test_thread_job_reports_its_result_or_its_failure_once_through_the_callbacks():
+    """The DICOM export's job: poll() never blocks, and calls exactly one callback once the work ended."""
+    import threading
+
+    from HeadCTMoLRELib.slicer.logic import ThreadJob
+
+    release = threading.Event()
+    seen = []
+    job = ThreadJob(lambda: release.wait(10) and {"files": {"dicom_sr": "x.dcm"}}, "dicom")
+    job.on_result, job.on_error = seen.append, lambda message, kind: seen.append((message, kind))
+    assert job.poll() == [] and job.state == "running" and not seen
+    release.set()
+    job.wait(10)
+    assert job.poll()[0]["files"] == {"dicom_sr": "x.dcm"} and job.state == "done"
+    assert job.poll() == [] and len(seen) == 1
+
+    def fail():
+        raise ValueError("the source series has no FrameOfReferenceUID")
+
+    failing = ThreadJob(fail, "dicom")
+    failing.on_error = lambda message, kind: seen.append((message, kind))
+    failing.wait(10)
+    failing.poll()
+    assert failing.state == "failed" and seen[-1] == ("the source series has no FrameOfReferenceUID", "ValueError")
