@@ -377,14 +377,6 @@ class HeadCTMoLRECore:
         the report; the worker keeps torch loaded for the next Run."""
         return WorkerJob(self.worker(), {"cmd": "device_info"})
 
-    def device_info(self, timeout_s: float = 120.0) -> dict:
-        """Blocking ``start_device_info`` (batch scripts and tests)."""
-        client = self.worker()
-        final, _ = client.wait_for(client.send({"cmd": "device_info"}), timeout_s=timeout_s)
-        if final.get("type") != "result":
-            raise worker_lib.WorkerError(f"the worker could not query PyTorch: {final.get('message')}")
-        return final["device"]
-
     # -------------------------------------------------------------------------------------- inference
     def run(self, volume_node, model_id: str, device: str = "auto", progress: Callable | None = None,
             should_cancel: Callable | None = None):
