@@ -153,10 +153,12 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None  # the running WorkerJob (one at a time: both kinds share one worker process)
-        self._jobKind = None  # "infer" or "fine_tune"
+        self._job = None  # the running WorkerJob or ThreadJob (one at a time: the jobs share one worker process)
+        self._jobKind = None  # "infer", "fine_tune", "device" (Detect) or "dicom" (export)
         self._jobInput = None  # the CT node of a running inference
         self._nodes = None  # mrml.PredictionNodes shown in the panel
+        self._prediction = None  # the inference.Prediction behind self._nodes (DICOM export)
+        self._predictionInput = None  # the CT node it was made from
         self._foreground = "attention"  # which heat map is in the slice views' foreground
         self._appliedDisplay = None  # display settings last applied to self._nodes
         self._models = {}  # model id -> entry of logic.models()
@@ -186,6 +188,7 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTuneButton)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModelButton)
         self.ui.detectDeviceButton.connect("clicked(bool)", self.onDetectDeviceButton)
+        self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicomButton)
         self.ui.dependenciesButton.connect("clicked(bool)", self.onDependenciesButton)
         self.ui.showAttentionButton.connect("clicked(bool)", self.onShowAttentionButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
@@ -220,10 +223,12 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._jobKind == "infer":  # its input volume is about to disappear
             self._cancelJob()
         self.setParameterNode(None)
-        self._nodes = None
+        self._nodes, self._prediction, self._predictionInput = None, None, None
         self.ui.findingsTableView.setMRMLTableNode(None)
         self.ui.showAttentionButton.enabled = False
+        self.ui.exportDicomButton.enabled = False
         self.ui.selectedFindingLabel.text = ""
+        self.ui.resultStatusLabel.text = ""
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -260,10 +265,15 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _checkCanApply(self) -> None:
         param = self._parameterNode
         idle = self._job is None
+        waitFor = {"fine_tune": _("Wait for fine-tuning to end, or cancel it."),
+                   "device": _("Wait for the PyTorch check to end."),
+                   "dicom": _("Wait for the DICOM export to end.")}
+        self.ui.detectDeviceButton.enabled = idle
+        self.ui.exportDicomButton.enabled = idle and self._prediction is not None
         if self._jobKind == "infer":
             self._setButton(self.ui.applyButton, _("Cancel"), _("Stop the running analysis."), True)
         elif not idle:
-            self._setButton(self.ui.applyButton, _("Run"), _("Wait for fine-tuning to end, or cancel it."), False)
+            self._setButton(self.ui.applyButton, _("Run"), waitFor.get(self._jobKind, ""), False)
         elif param and param.inputVolume and param.modelId:
             self._setButton(self.ui.applyButton, _("Run"), _("Detect the 75 findings on the selected CT."), True)
         else:
@@ -274,7 +284,8 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._jobKind == "fine_tune":
             self._setButton(self.ui.fineTuneButton, _("Cancel"), _("Stop fine-tuning (no bundle is written)."), True)
         elif not idle:
-            self._setButton(self.ui.fineTuneButton, _("Fine-tune"), _("Wait for the analysis to end."), False)
+            self._setButton(self.ui.fineTuneButton, _("Fine-tune"),
+                            waitFor.get(self._jobKind, _("Wait for the analysis to end.")), False)
         elif casesReady:
             self._setButton(self.ui.fineTuneButton, _("Fine-tune"), _("Fine-tune the starting model on the cases."),
                             True)
@@ -336,7 +347,14 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.currentIndex = index
             combo.blockSignals(wasBlocked)
         if combo is self.ui.modelComboBox:
-            self.ui.modelDescriptionLabel.text = self._describeModel(self._models.get(modelId))
+            model = self._models.get(modelId)
+            self.ui.modelDescriptionLabel.text = self._describeModel(model)
+            self.ui.modelStatusLabel.text = self._modelStatusText((model or {}).get("status"))
+
+    @staticmethod
+    def _modelStatusText(status: Optional[dict]) -> str:
+        """The bundle's status line (model.status.bundle_status): synthetic, untrained, random backbone."""
+        return str((status or {}).get("label") or "")
 
     @staticmethod
     def _describeModel(model: Optional[dict]) -> str:
@@ -384,12 +402,13 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not install the Python packages.")):
             if self._ensureDependencies():
                 self.ui.dependenciesStatusLabel.text = _("PyTorch and all other packages are installed.")
+                self.onDetectDeviceButton()
 
     def _ensureDependencies(self) -> bool:
         """Install what is missing, asking first (never in setup). False when the user declines.
 
-        Call it outside any wait cursor (it shows confirmations). After an install the model lists and the
-        device line are refreshed at once: no restart is needed."""
+        Call it outside any wait cursor (it shows confirmations). After an install the model lists are
+        refreshed at once: no restart is needed."""
         if dependencies.python_too_old():
             raise RuntimeError(_("HeadCTMoLRE needs Slicer 5.10 or newer (Python 3.10+); please update Slicer."))
         installed = False
@@ -410,7 +429,6 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if installed:
                 importlib.invalidate_caches()  # new packages are importable (and listed) without a restart
                 self._refreshModelLists()
-        self.onDetectDeviceButton()
         return True
 
     @staticmethod
@@ -450,13 +468,20 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return True
 
     def onDetectDeviceButton(self) -> None:
-        """Show the torch build and accelerators (imports torch only when it is installed)."""
+        """Show the torch build and accelerators. The background worker imports torch and answers (it then
+        keeps torch loaded for the next Run); Slicer's own process never imports it."""
         if dependencies.torch_missing():
             self.ui.deviceInfoLabel.text = _(
                 "PyTorch is not installed: Run installs it through the PyTorch extension.")
             return
-        with slicer.util.tryWithErrorDisplay(_("Could not query PyTorch."), waitCursor=True):
-            self.ui.deviceInfoLabel.text = self._describeDevices(self.logic.device_info())
+        if self._job is not None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not query PyTorch.")):
+            self._startJob(self.logic.start_device_info(), "device", self.ui.progressBar, self.ui.deviceInfoLabel)
+            self.ui.deviceInfoLabel.text = _("Asking PyTorch in the background worker...")
+
+    def _onDeviceResult(self, message: dict) -> None:
+        self.ui.deviceInfoLabel.text = self._describeDevices(message.get("device") or {})
 
     @staticmethod
     def _describeDevices(info: dict) -> str:
@@ -488,8 +513,11 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onInferenceResult(self, message: dict) -> None:
         self._showNodes(self.logic.show(self._job, ct_node=self._jobInput))
-        self.ui.statusLabel.text = _("Done: {count} findings above their threshold.").format(
-            count=self._countFlagged())
+        self._prediction, self._predictionInput = self._job.prediction, self._jobInput
+        label = self._prediction.status_label if self._prediction is not None else ""
+        self.ui.resultStatusLabel.text = label
+        done = _("Done: {count} findings above their threshold.").format(count=self._countFlagged())
+        self.ui.statusLabel.text = f"{done} {label}" if label else done
 
     def _countFlagged(self) -> int:
         table = self._nodes.findings_table
@@ -497,6 +525,28 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if column < 0:
             return 0
         return sum(1 for row in range(table.GetNumberOfRows()) if table.GetCellText(row, column) == "positive")
+
+    # ------------------------------------------------------------------------------------ DICOM export
+    def onExportDicomButton(self) -> None:
+        """SR + Parametric Map + Segmentation of the shown result into a folder the user chooses (written in
+        a background thread: nothing else is written anywhere)."""
+        if self._prediction is None or self._job is not None:
+            return
+        folder = qt.QFileDialog.getExistingDirectory(
+            self.parent, _("Export the findings as DICOM: choose an (empty) folder"))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not export the DICOM results.")):
+            prediction, ctNode = self._prediction, self._predictionInput
+            job = self.logic.start_export_dicom(prediction, folder, ct_node=ctNode)
+            self._startJob(job, "dicom", self.ui.progressBar, self.ui.statusLabel)
+            self.ui.progressBar.format = _("writing DICOM files")
+            self.ui.statusLabel.text = _("Writing DICOM results into {folder}...").format(folder=folder)
+
+    def _onDicomResult(self, message: dict) -> None:
+        files = message.get("files") or {}
+        self.ui.statusLabel.text = _("DICOM results written: {files}").format(
+            files=", ".join(str(p) for p in files.values()))
 
     # ------------------------------------------------------------------------------ fine-tuning job
     def onFineTuneButton(self) -> None:
@@ -512,6 +562,12 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startJob(job, "fine_tune", self.ui.fineTuneProgressBar, self.ui.fineTuneStatusLabel)
 
     def _onFineTuneResult(self, message: dict) -> None:
+        if not message.get("bundle"):  # e.g. no epoch gave a validation AUC to keep a best model by
+            self.ui.fineTuneStatusLabel.text = _(
+                "Fine-tuning ended ({status}, {epochs} epoch(s)) without saving a model: no epoch improved the "
+                "validation AUC. Check that the validation cases hold positives and negatives of the findings, "
+                "or train longer.").format(status=message.get("status", "?"), epochs=message.get("epochs_run", 0))
+            return
         self._refreshModelLists(selectPath=str(self._job.result_folder))
         self.ui.fineTuneStatusLabel.text = _("New model saved to {folder} and selected in the model list.").format(
             folder=self._job.result_folder)
@@ -523,7 +579,8 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobWidgets = (progressBar, statusLabel)
         job.on_progress = self._onJobProgress
         job.on_log = lambda text: logging.info(f"HeadCTMoLRE worker: {text}")
-        job.on_result = self._onInferenceResult if kind == "infer" else self._onFineTuneResult
+        job.on_result = {"infer": self._onInferenceResult, "fine_tune": self._onFineTuneResult,
+                         "device": self._onDeviceResult, "dicom": self._onDicomResult}[kind]
         job.on_error = self._onJobError
         progressBar.value = 0
         progressBar.format = _("starting the worker: %p%")
@@ -593,6 +650,7 @@ class HeadCTMoLREWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._foreground = "attention"
         self.ui.findingsTableView.setMRMLTableNode(nodes.findings_table)
         self.ui.showAttentionButton.enabled = True
+        self.ui.resultStatusLabel.text = ""
         self._appliedDisplay = None
         self._applyDisplaySettings()
         if slicer.util.mainWindow() and nodes.plot_chart is not None:

@@ -60,7 +60,8 @@ FORBIDDEN_IN_SETUP = {
     "confirmOkCancelDisplay", "confirmYesNoDisplay", "errorDisplay", "warningDisplay", "infoDisplay",
     "messageBox", "tryWithErrorDisplay", "pip_install", "pip_ensure", "installTorch", "getOpenFileName",
     "getOpenFileNames", "getExistingDirectory", "getSaveFileName", "QMessageBox", "QFileDialog", "exec_",
-    "_ensureDependencies", "device_info", "start", "start_fine_tune", "run", "fine_tune",
+    "_ensureDependencies", "device_info", "start_device_info", "start", "start_fine_tune", "run", "fine_tune",
+    "start_export_dicom", "export_dicom",
 }
 # Entry points that a headless Slicer (WITH_GENERIC_TESTS, no main window) calls on the module.
 HEADLESS_ENTRY_POINTS = ("HeadCTMoLREWidget.__init__", "HeadCTMoLREWidget.setup", "HeadCTMoLREWidget.enter",

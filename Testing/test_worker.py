@@ -56,6 +56,7 @@ def test_infer_round_trip_writes_a_result_that_rebuilds_the_prediction(client, t
     rebuilt = worker.read_result(final["output"])
     direct = inference.predict(str(ct_path), tiny_bundle, "cpu")
     assert np.allclose(rebuilt.probabilities, direct.probabilities, atol=1e-5)
+    assert rebuilt.model_status == direct.model_status and "UNTRAINED" in rebuilt.status_label  # the panel shows it
     finding = direct.catalog.ids[0]
     assert np.allclose(sitk.GetArrayFromImage(rebuilt.contribution_image(finding)),
                        sitk.GetArrayFromImage(direct.contribution_image(finding)), atol=1e-5)

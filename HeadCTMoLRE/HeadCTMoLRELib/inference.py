@@ -279,7 +279,7 @@ class Prediction:
     # -- maps in the input's own geometry -------------------------------------------------------------
     def attention_image(self):
         """Attention per slice as a float32 SimpleITK image on the input's grid (0 outside the head)."""
-        from .ct.preprocess import stack_to_image
+        from .ct.slice_stack import stack_to_image
 
         values = self.attention if self.attention is not None else np.zeros(len(self.slice_valid), np.float32)
         return stack_to_image(values.astype(np.float32), self.stack, self.volume.image, interpolation="linear")
@@ -288,7 +288,7 @@ class Prediction:
         """Dominant expert per slice as a uint8 label image on the input's grid: 1..K, 0 = none."""
         import SimpleITK as sitk
 
-        from .ct.preprocess import stack_to_image
+        from .ct.slice_stack import stack_to_image
 
         if self.dominant_expert is None or len(self.dominant_expert) != len(self.slice_valid):
             labels = np.zeros(len(self.slice_valid), np.float32)
@@ -299,7 +299,7 @@ class Prediction:
 
     def contribution_image(self, finding_id: str):
         """One finding's per-slice logit contribution as a float32 image on the input's grid."""
-        from .ct.preprocess import stack_to_image
+        from .ct.slice_stack import stack_to_image
 
         index = self.catalog.index_of(finding_id)
         values = self.contributions[:, index].astype(np.float32)

@@ -550,7 +550,7 @@ def _typed_views(folder: Path, manifest: dict):
     from ..findings import CatalogError, FindingCatalog
     from .backbones import check_transformers_config
     from .classifier import ModelConfig
-    from ..ct.preprocess import PreprocessConfig
+    from ..ct.slice_stack import PreprocessConfig
 
     try:
         catalog = FindingCatalog.from_dict(manifest["findings"])

@@ -232,17 +232,22 @@ def _segmentation(prediction, sources: list, status: Mapping, series_number: int
 
 
 def write_dicom_outputs(prediction, out_dir: str | os.PathLike, *, source=None, series_uid: str | None = None,
-                        generate_study: bool = False, case_id: str = "case") -> dict[str, Path]:
+                        generate_study: bool = False, case_id: str = "case", dicom_source=None) -> dict[str, Path]:
     """Write the SR, Parametric Map and Segmentation of ``prediction`` into ``out_dir``; returns {kind: path}.
 
     source: the DICOM folder/files the prediction was made from (default: the prediction's provenance);
     series_uid: the series used (default: the provenance's). A non-DICOM input needs ``generate_study``;
     without it DicomOutputError says so.
+    dicom_source: the DICOM files of the series the predicted volume was loaded from when the prediction's own
+    input was a plain volume file (the Slicer panel: a volume from the DICOM module, handed to the worker as
+    NRRD); the outputs reference that series.
     """
     out = Path(out_dir)
     provenance = (prediction.provenance or {}).get("input") or {}
     status = prediction.model_status or {}
-    if provenance.get("format") == "dicom":
+    if dicom_source is not None:
+        sources = source_datasets(dicom_source, series_uid)
+    elif provenance.get("format") == "dicom":
         sources = source_datasets(source if source is not None else provenance["source_paths"][0],
                                   series_uid or provenance.get("series_instance_uid"))
     elif generate_study:

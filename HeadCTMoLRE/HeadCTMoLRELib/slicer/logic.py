@@ -18,10 +18,12 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
 from ..model import bundle as bundle_lib, verification_cache
+from ..model.status import bundle_status
 from . import worker as worker_lib
 
 MODELS_ENV = "HEADCT_MOLRE_MODELS"
@@ -43,7 +45,8 @@ def user_model_folder() -> Path:
 
 
 def _describe_bundle(path: Path, entry: dict | None = None) -> dict:
-    """A model-list entry: id, title, path, description, backbone, synthetic, sha256_ok (+ error).
+    """A model-list entry: id, title, path, description, backbone, synthetic, status (``bundle_status``'s
+    JSON: synthetic / untrained / random backbone and the one-line label), sha256_ok (+ error).
 
     Reads the manifest (JSON) and checks the file hashes (once per change, ``verification_cache``); imports
     no torch, so the panel lists models before PyTorch is installed. The worker checks everything else
@@ -54,7 +57,7 @@ def _describe_bundle(path: Path, entry: dict | None = None) -> dict:
     info = {"id": entry.get("id") or path.name, "title": entry.get("title") or path.name, "path": str(path),
             "description": entry.get("description", ""), "backbone": entry.get("backbone", ""),
             "synthetic": bool(entry.get("synthetic", False)), "sha256_ok": False, "error": None,
-            "source": source}
+            "source": source, "status": None}
     try:
         manifest = bundle_lib.read_manifest(path)
         verification_cache.verify_bundle_files(path, manifest)
@@ -68,7 +71,8 @@ def _describe_bundle(path: Path, entry: dict | None = None) -> dict:
                     description=description,
                     backbone=entry.get("backbone") or f"{backbone.get('family', '')} {backbone.get('size', '')}".strip(),
                     synthetic=bool(entry.get("synthetic", manifest.get("synthetic_training_data", False))),
-                    training=manifest.get("training"), metrics=manifest.get("metrics"))
+                    training=manifest.get("training"), metrics=manifest.get("metrics"),
+                    status=bundle_status(manifest).to_json())
     except (bundle_lib.BundleError, OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         info["error"] = str(error)  # one broken bundle is listed as unusable, never empties the list
     return info
@@ -232,6 +236,56 @@ class WorkerJob:
         return stopped
 
 
+class ThreadJob:
+    """Light work (no torch, no MRML) run in a Python thread of the GUI process, with WorkerJob's interface:
+    poll() never blocks and calls on_result({"type": "result", **returned dict}) or on_error(message, type)
+    once the function returned. cancel() stops waiting for it (a thread cannot be killed: it finishes alone)."""
+
+    def __init__(self, function: Callable[[], dict], kind: str):
+        self.kind = kind
+        self.state = "running"
+        self.result: dict | None = None
+        self.error: str | None = None
+        self.on_progress: Callable | None = None
+        self.on_log: Callable | None = None
+        self.on_result: Callable | None = None
+        self.on_error: Callable | None = None
+        self._outcome: tuple | None = None
+        self._thread = threading.Thread(target=self._run, args=(function,), name=f"HeadCTMoLRE-{kind}", daemon=True)
+        self._thread.start()
+
+    def _run(self, function) -> None:
+        try:
+            self._outcome = ("result", function())
+        except Exception as error:  # noqa: BLE001 - reported to the GUI by poll()
+            logger.exception(f"HeadCTMoLRE {self.kind} failed")
+            self._outcome = ("error", error)
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until the function returned (tests and batch)."""
+        self._thread.join(timeout_s)
+
+    def poll(self) -> list[dict]:
+        if self.state != "running" or self._thread.is_alive() or self._outcome is None:
+            return []
+        kind, value = self._outcome
+        if kind == "result":
+            self.state = "done"
+            self.result = {"type": "result", **value}
+            if self.on_result:
+                self.on_result(self.result)
+            return [self.result]
+        self.state, self.error = "failed", str(value)
+        if self.on_error:
+            self.on_error(self.error, type(value).__name__)
+        return [{"type": "error", "message": self.error, "error_type": type(value).__name__}]
+
+    def cancel(self) -> bool:
+        if self.state == "running":
+            self.state = "cancelled"
+        return not self._thread.is_alive()
+
+
 def _end_inference(volume) -> Callable:
     """on_end of an inference job: read the Prediction, then delete the run folder (kept on failure)."""
     def end(job: WorkerJob) -> None:
@@ -264,6 +318,32 @@ def _end_fine_tune(target: Path, run_dir: Path) -> Callable:
     return end
 
 
+def dicom_source_files(ct_node) -> list[str]:
+    """The DICOM files a volume node was loaded from by Slicer's DICOM module ("DICOM.instanceUIDs" looked up
+    in ``slicer.dicomDatabase``), or [] for a volume from another source (or files no longer on disk)."""
+    if ct_node is None:
+        return []
+    uids = (ct_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    try:
+        import slicer
+
+        database = getattr(slicer, "dicomDatabase", None)
+    except ImportError:
+        database = None
+    if not uids or database is None:
+        return []
+    files = [database.fileForInstance(uid) for uid in uids]
+    return [f for f in files if f and Path(f).is_file()]
+
+
+def _write_dicom(prediction, out_dir, source_files: list[str], case_id: str) -> dict:
+    from ..reports import dicom
+
+    if source_files:
+        return dicom.write_dicom_outputs(prediction, out_dir, dicom_source=source_files, case_id=case_id)
+    return dicom.write_dicom_outputs(prediction, out_dir, generate_study=True, case_id=case_id)
+
+
 class HeadCTMoLRECore:
     """Everything the module does, Qt-free. ``scene``: an MRML scene (default ``slicer.mrmlScene``)."""
 
@@ -291,10 +371,11 @@ class HeadCTMoLRECore:
 
         return _describe_bundle(import_bundle(path, user_model_folder()))
 
-    def device_info(self) -> dict:
-        from ..inference import device_report
-
-        return device_report()
+    def start_device_info(self) -> WorkerJob:
+        """Background query of the torch build and accelerators (``inference.device_report``), answered by the
+        worker process: torch is never imported into the GUI process. The result message's "device" holds
+        the report; the worker keeps torch loaded for the next Run."""
+        return WorkerJob(self.worker(), {"cmd": "device_info"})
 
     # -------------------------------------------------------------------------------------- inference
     def run(self, volume_node, model_id: str, device: str = "auto", progress: Callable | None = None,
@@ -367,6 +448,27 @@ class HeadCTMoLRECore:
             result = worker_lib.read_result(result, volume)
         return mrml.show_prediction(self.scene, result, ct_node=ct_node, name=name)
 
+    def export_dicom(self, prediction, out_dir, ct_node=None) -> dict:
+        """DICOM SR + Parametric Map (attention) + Segmentation (experts) of ``prediction`` into ``out_dir``
+        (``reports.dicom.write_dicom_outputs``; highdicom, no torch). They reference the DICOM series the CT
+        node was loaded from (its "DICOM.instanceUIDs" attribute and Slicer's DICOM database); a volume that
+        did not come from DICOM gets a generated study (``out_dir``/source_series). Writes only into
+        ``out_dir``; returns {kind: path}."""
+        return _write_dicom(prediction, out_dir, dicom_source_files(ct_node),
+                            ct_node.GetName() if ct_node is not None else "case")
+
+    def start_export_dicom(self, prediction, out_dir, ct_node=None) -> ThreadJob:
+        """``export_dicom`` in a background thread (the GUI polls the job); result message: {"files": ...}.
+        The CT node's DICOM source files are looked up here, on the calling (main) thread."""
+        source_files = dicom_source_files(ct_node)
+        name = ct_node.GetName() if ct_node is not None else "case"
+
+        def export() -> dict:
+            files = _write_dicom(prediction, out_dir, source_files, name)
+            return {"files": {kind: str(path) for kind, path in files.items()}}
+
+        return ThreadJob(export, "dicom")
+
     def select_finding(self, nodes, finding_id: str) -> float:
         from . import mrml
 
@@ -423,5 +525,5 @@ class HeadCTMoLRECore:
             self._worker = None
 
 
-__all__ = ["HeadCTMoLRECore", "WorkerJob", "Cancelled", "user_model_folder", "list_models", "resolve_model",
-           "MODELS_ENV"]
+__all__ = ["HeadCTMoLRECore", "WorkerJob", "ThreadJob", "Cancelled", "user_model_folder", "list_models", "resolve_model",
+           "dicom_source_files", "MODELS_ENV"]

@@ -11,6 +11,7 @@ request's ``id`` and a ``type``:
 
 Requests (``cmd``):
     ping                                   -> result {"pong": true, "pid": ...}
+    device_info                            -> result {"device": inference.device_report()} (torch build, GPUs)
     infer   input, model, output, device   -> result {"output": folder, "findings": [...top 5...], ...}
     fine_tune cases_csv, start_model, epochs, output -> result {"bundle": folder, ...}
     sleep   seconds (tests: a slow request with a child process, to test cancel)
@@ -90,7 +91,7 @@ def write_result(prediction, folder: str | os.PathLike, *, input_path: str | os.
                   "head_to_patient": arr(stack.head_to_patient), "alignment": stack.alignment,
                   "warnings": list(stack.warnings), "config": stack.config.to_dict()},
         "timings_s": prediction.timings_s, "provenance": prediction.provenance,
-        "warnings": list(prediction.warnings),
+        "warnings": list(prediction.warnings), "model_status": dict(prediction.model_status or {}),
     }
     (folder / RESULT_JSON).write_text(json.dumps(record, default=json_default) + "\n", encoding="utf-8")
     paths.update(prediction_maps=str(folder / RESULT_JSON), head_mask=str(folder / HEAD_MASK_NRRD),
@@ -100,13 +101,14 @@ def write_result(prediction, folder: str | os.PathLike, *, input_path: str | os.
 
 def read_result(folder: str | os.PathLike, volume=None):
     """Rebuild the inference.Prediction written by ``write_result`` (the stack holds geometry and head
-    mask, not pixels). volume: the ctio.CTVolume it was made from; None reads the recorded input file."""
+    mask, not pixels). volume: the ctio.CTVolume it was made from; None reads the recorded input file.
+    numpy and SimpleITK only: the Slicer GUI process shows a result without importing torch."""
     import SimpleITK as sitk
 
     from ..ct import loader as ctio
     from ..findings import FindingCatalog
     from ..inference import Prediction
-    from ..ct.preprocess import PreprocessConfig, SliceStack
+    from ..ct.slice_stack import PreprocessConfig, SliceStack
 
     folder = Path(folder)
     maps = folder / RESULT_JSON
@@ -135,7 +137,7 @@ def read_result(folder: str | os.PathLike, volume=None):
         contributions=arr("contributions", np.float32), slice_valid=arr("slice_valid", bool),
         slice_positions_mm=arr("slice_positions_mm"), stack=stack, volume=volume,
         timings_s=record.get("timings_s", {}), provenance=record.get("provenance", {}),
-        warnings=record.get("warnings", []))
+        warnings=record.get("warnings", []), model_status=record.get("model_status") or {})
 
 
 # ------------------------------------------------------------------------------------- the work itself
@@ -285,6 +287,10 @@ class _Server:
         try:
             if cmd == "ping":
                 result = {"pong": True, "pid": os.getpid(), "python": sys.executable}
+            elif cmd == "device_info":  # torch is imported here, never in the GUI process
+                from ..inference import device_report
+
+                result = {"device": device_report()}
             elif cmd == "infer":
                 result = infer_to_folder(request["input"], request["model"], request["output"],
                                          request.get("device", "auto"), progress=progress, log=log)
@@ -298,7 +304,8 @@ class _Server:
                                check=True, stdout=subprocess.DEVNULL)
                 result = {"slept": float(request.get("seconds", 60))}
             else:
-                raise WorkerError(f"unknown command {cmd!r}; expected ping, infer, fine_tune, sleep or shutdown.")
+                raise WorkerError(f"unknown command {cmd!r}; expected ping, device_info, infer, fine_tune, sleep or "
+                                  "shutdown.")
         except KeyError as error:
             self.send({"id": rid, "type": "error", "message": f"request is missing the field {error}",
                        "error_type": "KeyError"})
