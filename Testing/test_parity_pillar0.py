@@ -1,0 +1,137 @@
+"""Pillar0's Atlas: our native encoder + converter reproduce the public reference model code.
+
+Fixtures (Testing/Data/parity/pillar0/, provenance in PROVENANCE.md) were made by running the reference
+(Pillar-0's remote code, transcribed into a scratch folder outside the project) on seeded random weights:
+  tiny/  inputs, the state dict under the released checkpoint's key names (model.visual.*), outputs.
+The real size is checked by its parameter count (random init on the meta device, no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pathlib import Path
+
+from HeadCTMoLRELib.model.atlas import AtlasConfig, AtlasEncoder
+from HeadCTMoLRELib.model.backbones import BackboneSpec, adapted_module_names, build_backbone
+from HeadCTMoLRELib.model.convert import ConversionError, convert_weights, pillar0_state
+
+DATA = Path(__file__).parent / "Data" / "parity" / "pillar0"
+# float32 on CPU, the same operations in the same order: measured max |diff| 0.0 (values up to 5.3)
+ATOL, RTOL = 1e-5, 1e-5
+
+
+def tiny_inputs():
+    pixels = load_file(str(DATA / "tiny" / "inputs.safetensors"))["levels"].float() / 255  # (B, C, D, H, W)
+    return pixels, load_file(str(DATA / "tiny" / "outputs.safetensors"))
+
+
+def test_tiny_parity_through_the_converter(tmp_path):
+    checkpoint = load_file(str(DATA / "tiny" / "state_dict.safetensors"))
+    # the released file is the whole CLIP model: add a text side and a logit scale to drop
+    checkpoint["model.text.projection.weight"] = torch.zeros(4, 48)
+    checkpoint["model.logit_scale"] = torch.ones(())
+    source = tmp_path / "pillar0.pt"
+    torch.save({"model": checkpoint}, source)
+    folder = convert_weights("pillar0", source, tmp_path / "converted", size="tiny")
+    provenance = json.loads((folder / "conversion.json").read_text())
+    assert provenance["tensors_dropped"] == 2 and provenance["tensors_kept"] == 234
+
+    pixels, expected = tiny_inputs()
+    encoder = build_backbone(BackboneSpec("pillar0", "tiny", 64), weights_dir=folder).eval()
+    atlas = encoder.hf_model
+    with torch.no_grad():
+        torch.testing.assert_close(atlas.stem(pixels), expected["stem"], atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(atlas(pixel_values=pixels).pooler_output, expected["embedding"], atol=ATOL, rtol=RTOL)
+        # the volume feature the classifier sees: slices (B, S, 3, H, W), S == num_frames (no resampling)
+        features = encoder(pixels.permute(0, 2, 1, 3, 4))
+    torch.testing.assert_close(features, expected["embedding"], atol=ATOL, rtol=RTOL)
+    assert encoder.feature_dim == 48
+
+
+def test_parity_does_not_depend_on_the_batch():
+    checkpoint = load_file(str(DATA / "tiny" / "state_dict.safetensors"))
+    config, state, _ = pillar0_state(checkpoint, "tiny")
+    model = AtlasEncoder(config).eval()
+    model.load_state_dict(state, strict=True)
+    pixels, expected = tiny_inputs()
+    with torch.no_grad():
+        second = model(pixel_values=pixels[1:]).pooler_output
+    torch.testing.assert_close(second, expected["embedding"][1:], atol=ATOL, rtol=RTOL)
+
+
+def test_converter_refuses_pickles_that_need_code_and_other_models(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model.visual.patch_embeds.brain_ct.conv_down.0.weight": torch.zeros(1), "x": argparse.Namespace()}, evil)
+    with pytest.raises(ConversionError, match=r"weights_only=True.*never unpickles"):
+        convert_weights("pillar0", evil, tmp_path / "out", size="tiny")
+    other = tmp_path / "vit.safetensors"
+    save_file({"encoder.layer.0.attention.q_proj.weight": torch.zeros(4, 4)}, str(other))
+    with pytest.raises(ConversionError, match="not part of Pillar-0's Atlas vision tower"):
+        convert_weights("pillar0", other, tmp_path / "out", size="tiny")
+    assert not (tmp_path / "out").exists()
+    checkpoint = load_file(str(DATA / "tiny" / "state_dict.safetensors"))
+    with pytest.raises(ConversionError, match="another shape than Pillar0 size 'headct'"):
+        pillar0_state(checkpoint, "headct")
+    del checkpoint["model.visual.atlas_models.2.blocks.0.blocks.1.attn.q.weight"]
+    with pytest.raises(ConversionError, match="missing"):
+        pillar0_state(checkpoint, "tiny")
+
+
+def test_converter_reads_heads_from_a_released_config_beside_the_weights(tmp_path):
+    source = tmp_path / "model.safetensors"
+    save_file(load_file(str(DATA / "tiny" / "state_dict.safetensors")), str(source))
+    released = {"model_type": "clip_multimodal_atlas", "vision_cfg": {"model_config": {
+        "modalities": {"brain_ct": {"merge_ratio": [2, 2, 2], "local2global": [2, 2, 2]}},
+        "model": {"stages": [1, 1, 1], "atlas_args": {"dim": 16, "num_heads": 4}}}}}
+    (tmp_path / "config.json").write_text(json.dumps(released))
+    folder = convert_weights("pillar0", source, tmp_path / "converted", size="tiny")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_heads"] == 4 and config["depths"] == [1, 1, 1] and config["model_type"] == "pillar0_atlas"
+
+
+def test_lora_on_exactly_the_attention_projections():
+    encoder = build_backbone(BackboneSpec("pillar0", "tiny", 64))
+    # every stage allocates one block per scale (3), as the reference does, used or not
+    assert adapted_module_names(encoder) == sorted(
+        f"stages.{i}.blocks.0.scales.{s}.attn.{part}" for i in range(3) for s in range(3) for part in ("q", "kv", "proj"))
+
+
+def test_batchnorm_keeps_its_statistics_in_training():
+    encoder = build_backbone(BackboneSpec("pillar0", "tiny", 64))
+    encoder.train()
+    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert norms and not any(m.training for m in norms)
+    before = norms[0].running_mean.clone()
+    encoder(torch.rand(1, 32, 3, 64, 64)).sum().backward()
+    torch.testing.assert_close(norms[0].running_mean, before)
+
+
+def test_the_released_windows_are_required_not_faked():
+    """HeadCT weights take 11 CT windows; 3 rendered windows are refused with the reason, never padded."""
+    small = {**AtlasConfig().to_dict(), "depths": [1], "num_frames": 32, "image_size": 64}  # HeadCT widths, 8^3 grid
+    encoder = build_backbone(BackboneSpec("pillar0", "headct", 64), transformers_config=small)
+    assert encoder.hf_config.in_chans == 11
+    with pytest.raises(ValueError, match="takes 11 CT windows per voxel, but the preprocessing renders 3"):
+        encoder(torch.rand(1, 32, 3, 64, 64))
+
+
+def test_real_size_parameter_count_on_meta():
+    """Pillar0-HeadCT's vision tower: 115.9 M (paper: 113.9 M, within 3 %). It counts the convolutional stem
+    (9.31 M: 11 windows -> 64 -> 192 channels, three residual blocks, 192 -> 384 down-sampling) and three
+    Atlas stages of 6 multi-scale blocks, each with one cross-window transformer block (1.78 M) and one
+    position MLP (0.20 M) per scale for all 3 scales (106.6 M, including the per-scale weights a later
+    stage allocates but no longer uses, as the reference does). BatchNorm statistics (buffers), the text
+    tower and the CLIP projection are not counted."""
+    with torch.device("meta"):
+        model = AtlasEncoder(AtlasConfig())
+    total = sum(p.numel() for p in model.parameters())
+    assert abs(total - 113.9e6) / 113.9e6 < 0.03
+    assert total == 115_903_424  # the transcribed reference at the same configuration (PROVENANCE.md)
+    assert sum(p.numel() for p in model.stem.parameters()) == 9_313_472
+    assert model.config.hidden_size == 1152 and model.config.scale_layout() == [(32, 4), (16, 2), (8, 1)]
