@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from HeadCTMoLRELib import cli
-from HeadCTMoLRELib.model import bundle
+from HeadCTMoLRELib.model import backbones, bundle
 
 from test_data import write_toy_dataset
 
@@ -75,3 +75,57 @@ def test_medimageinsight_defaults_to_its_own_input_size(capsys, tmp_path):
     assert code == 0, err
     manifest = bundle.read_manifest(tmp_path / "b")
     assert manifest["preprocessing"]["image_size"] == 480 and manifest["model"]["backbone"]["image_size"] == 480
+
+
+def test_pillar0_from_converted_weights_through_every_command(capsys, tmp_path, toy_cases):
+    """Pillar0 (tiny Atlas, the parity fixture's weights): frozen + LoRA + MoLRE with `train`, then the
+    paper's fully fine-tuned + MoLRE with `fine-tune --train-backbone`; one routing decision per volume."""
+    cases_csv, cache = toy_cases
+    converted = tmp_path / "pillar0-tiny"
+    code, out, err = run(capsys, "convert-weights", PARITY / "pillar0" / "tiny" / "state_dict.safetensors",
+                         "--family", "pillar0", "--size", "tiny", "--out", converted)
+    assert code == 0, err
+    assert "kept 234 tensors" in out
+
+    start = tmp_path / "start"
+    code, out, err = run(capsys, "new-model", "--backbone", "pillar0", "--size", "tiny", "--image-size", 64,
+                         "--alignment", "none", "--backbone-path", converted, "--out", start)
+    assert code == 0, err
+    manifest = bundle.read_manifest(start)
+    assert manifest["backbone"]["transformers_config"]["model_type"] == "pillar0_atlas"
+    assert manifest["model"]["backbone"]["family"] == "pillar0"
+    code, out, _ = run(capsys, "info", start, "--verify")
+    assert code == 0 and "pillar0 tiny" in out and "All file hashes verified" in out
+
+    case = cases_csv.parent / "case_00.nii.gz"
+    code, out, err = run(capsys, "infer", case, "--model", start, "--device", "cpu", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["findings"]) == 75
+
+    common = ["--cases", cases_csv, "--epochs", 1, "--min-epochs", 1, "--batch-size", 2, "--device", "cpu",
+              "--precision", "fp32", "--cache", cache, "--workers", 0, "--no-augment"]
+    code, _, err = run(capsys, "train", "--model", start, "--out", tmp_path / "run", *common)
+    assert code == 0, err
+    trained = bundle.load_bundle(tmp_path / "run" / "model")
+    assert trained.manifest["training"]["epochs_run"] == 1
+    assert not trained.manifest["training"]["config"]["train_backbone"]
+    code, _, err = run(capsys, "fine-tune", "--model", tmp_path / "run" / "model", "--out", tmp_path / "ft",
+                       "--train-backbone", *common)
+    assert code == 0, err
+    tuned = bundle.load_bundle(tmp_path / "ft" / "model")
+    assert tuned.manifest["training"]["config"]["train_backbone"]
+    assert tuned.manifest["backbone"]["weights"]["kind"] != "external"  # fine-tuned weights travel with the bundle
+    code, out, err = run(capsys, "evaluate", "--cases", cases_csv, "--model", tmp_path / "ft" / "model",
+                         "--out", tmp_path / "eval", "--device", "cpu", "--cache", cache, "--json",
+                         "--bootstrap", 10)
+    assert code == 0, err
+    assert "per_finding" in json.loads(out)
+
+
+def test_pillar0_defaults_to_its_own_volume(capsys, tmp_path):
+    code, _, err = run(capsys, "new-model", "--backbone", "pillar0", "--size", "tiny", "--random-backbone",
+                       "--out", tmp_path / "b")
+    assert code == 0, err
+    manifest = bundle.read_manifest(tmp_path / "b")  # the tiny size fixes its 32 x 64 x 64 volume
+    assert manifest["preprocessing"]["image_size"] == 64 and manifest["model"]["backbone"]["image_size"] == 64
+    assert backbones.default_image_size("pillar0", "headct") == backbones.default_image_size("pillar0") == 256

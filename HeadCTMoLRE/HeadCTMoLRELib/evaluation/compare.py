@@ -84,7 +84,7 @@ def plan(choices: list[BackboneChoice], n_cases: int, config) -> list[dict]:
 
     rows = []
     for choice in choices:
-        spec = backbones.BackboneSpec(choice.family, choice.size, backbones.default_image_size(choice.family))
+        spec = backbones.BackboneSpec(choice.family, choice.size, backbones.default_image_size(choice.family, choice.size))
         with torch.device("meta"):
             _, model_class = backbones.FAMILIES[choice.family].classes()
             config_class, _ = backbones.FAMILIES[choice.family].classes()
@@ -187,7 +187,7 @@ def run_compare(cases_csv, backbones_text: str, out_dir, *, backbone_root=None, 
 
     results = []
     for choice in choices:
-        size = image_size or backbones.default_image_size(choice.family)
+        size = image_size or backbones.default_image_size(choice.family, choice.size)
         pre = preprocess.PreprocessConfig(image_size=size)
         base = out / choice.label
         trained = {}

@@ -312,11 +312,15 @@ FAMILIES: dict[str, _Family] = {
 }
 
 
-def default_image_size(family: str) -> int:
-    """The slice size (px) a family's released weights expect: 480 for MedImageInsight, 256 for Pillar0, else 224."""
+def default_image_size(family: str, size: str | None = None) -> int:
+    """The slice size (px) a family's released weights expect: 480 for MedImageInsight, 256 for Pillar0, else 224;
+    a 3-D size whose configuration fixes its slice size (e.g. pillar0 tiny, 64 px) gives that."""
     if family not in FAMILIES:
         raise ValueError(f"Unknown backbone family {family!r}; choose one of {sorted(FAMILIES)}.")
-    return FAMILIES[family].native_image_size or 224
+    fam = FAMILIES[family]
+    if fam.volumetric and size in fam.sizes and "image_size" in fam.sizes[size]:
+        return int(fam.sizes[size]["image_size"])
+    return fam.native_image_size or 224
 
 
 def available_sizes(family: str) -> list[str]:

@@ -621,11 +621,13 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
                     with _autocast(device, run.precision):
                         output = wrapped(pixels, valid)
                     loss = focal_loss(output.logits, labels, alpha, config.focal_gamma)
+                    # where MoLRE routed: each valid slice (2-D), or once per volume (3-D backbones)
+                    routed = valid.any(dim=1, keepdim=True) if model.volumetric else valid
                     balance = model.config.molre.load_balance_weight if model.config.use_molre else 0.0
                     if balance > 0 and output.router_weights is not None:
                         from ..model.molre import load_balance_loss
 
-                        loss = loss + balance * load_balance_loss(output.router_weights, valid)
+                        loss = loss + balance * load_balance_loss(output.router_weights, routed)
                     (loss / group_size).backward()
                 if last_in_group:
                     optimizer.step()
@@ -633,10 +635,10 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
                 sums["loss"] += float(loss.detach())
                 sums["batches"] += 1
                 if output.router_weights is not None:
-                    count = int(valid.sum())
-                    usage = (expert_usage(output.router_weights.detach(), valid) * count).tolist()
+                    count = int(routed.sum())
+                    usage = (expert_usage(output.router_weights.detach(), routed) * count).tolist()
                     sums["usage"] = usage if sums["usage"] is None else [a + b for a, b in zip(sums["usage"], usage)]
-                    sums["entropy"] += float(router_entropy(output.router_weights.detach(), valid)) * count
+                    sums["entropy"] += float(router_entropy(output.router_weights.detach(), routed)) * count
                     sums["slices"] += count
                 if progress and context.is_main:
                     done = (step + 1 - start_step) / max(1, len(batches) - start_step)
