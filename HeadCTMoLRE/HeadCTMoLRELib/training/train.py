@@ -15,9 +15,10 @@ Protocol:
   positive for c, r_c = max(1, sqrt(t / f_c)), a case repeats r_i = max over its positive findings of
   r_c (1 without any) times per epoch, rounded stochastically each epoch (floor(r_i) + Bernoulli(frac)).
 - AdamW, lr 1e-3 for pooling + head, 1e-4 for LoRA + MoLRE (model.param_groups); constant rates.
-  ``train_backbone=True`` (not the paper's protocol: a stand-in for foundation pre-training when no
-  pretrained weights exist, used by scripts/train_demo_model.py) also trains the backbone's own weights
-  at ``lr_backbone``; its bundles then carry the trained backbone (always bundled).
+  ``train_backbone=True`` also trains the backbone's own weights at ``lr_backbone`` (the paper's protocol
+  for Pillar0-HeadCT, "fully fine-tuned + MoLRE"; for the 2-D backbones a stand-in for foundation
+  pre-training when no pretrained weights exist, used by scripts/train_demo_model.py); its bundles then
+  carry the trained backbone (always bundled). The LoRA adapters stay and train too (they start at zero).
 - augmentation: augment.AugmentConfig (the paper's list), on the training device.
 - early stopping on the mean validation AUC over findings with both classes among the validation
   cases: at least ``min_epochs`` (20), then stop after ``patience`` (5) epochs without gain, at most
@@ -837,8 +838,9 @@ def _add_common_arguments(parser, model_help: str) -> None:
                         help="weight of the balance of mean expert usage per batch (default: the bundle's "
                              "MoLREConfig.load_balance_weight, 0 = the paper's unsupervised routing)")
     parser.add_argument("--train-backbone", action="store_true",
-                        help="also train the backbone's own weights (not the paper's protocol; for a backbone "
-                             "without foundation pre-training); the bundle then carries the trained backbone")
+                        help="also train the backbone's own weights (the paper's protocol for pillar0; for 2-D "
+                             "backbones only without foundation pre-training); the bundle then carries the "
+                             "trained backbone")
     parser.add_argument("--lr-backbone", type=float, default=defaults.lr_backbone,
                         help="learning rate of the backbone weights with --train-backbone (default 1e-4)")
 
