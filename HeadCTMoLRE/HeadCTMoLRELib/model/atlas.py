@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .davit import load_native_folder, save_native_folder
+from .davit import _init_weights as init_linear_and_norm, load_native_folder, save_native_folder
 
 MODEL_TYPE = "pillar0_atlas"
 STEM_STRIDE = (4, 8, 8)  # (D, H, W) voxels per token
@@ -412,15 +412,13 @@ class AtlasEncoder(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    """Random initialisation: truncated normal (std 0.02) Linears, Kaiming convolutions, unit norms."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv3d):
+    """Random initialisation: Kaiming 3-D convolutions, unit BatchNorms; Linears and LayerNorms as DaViT's."""
+    if isinstance(module, nn.Conv3d):
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.LayerNorm, nn.BatchNorm3d)):
+    elif isinstance(module, nn.BatchNorm3d):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+    else:
+        init_linear_and_norm(module)
