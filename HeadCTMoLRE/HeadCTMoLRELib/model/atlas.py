@@ -42,7 +42,7 @@ of config.json + model.safetensors); LoRA (peft) targets its attention Linears
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +50,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .davit import _init_weights as init_linear_and_norm, load_native_folder, save_native_folder
+from .davit import NativeConfig, _init_weights as init_linear_and_norm, _Mlp, load_native_folder, save_native_folder
 
 MODEL_TYPE = "pillar0_atlas"
 STEM_STRIDE = (4, 8, 8)  # (D, H, W) voxels per token
 
 
 @dataclass
-class AtlasConfig:
+class AtlasConfig(NativeConfig):
     """Shape of an Atlas volume encoder; the defaults are Pillar0-HeadCT's (128 x 256 x 256, 11 windows)."""
+
+    config_name = "Atlas"
 
     in_chans: int = 11
     stem_dim: int = 64
@@ -140,16 +142,6 @@ class AtlasConfig:
     def input_multiple(self) -> int:
         return STEM_STRIDE[1]
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AtlasConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"_attn_implementation"})
-        if unknown:
-            raise ValueError(f"Atlas config has unknown entries {unknown}; it was written by another program.")
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -236,16 +228,6 @@ class _Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         n, h, t, d = out.shape
         return self.proj(out.transpose(1, 2).reshape(n, t, h * d))
-
-
-class _Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class _ScaleBlock(nn.Module):
