@@ -172,6 +172,19 @@ def _float(text):
     return float(text) if text not in (None, "") else None
 
 
+def read_comparison(evaluation_dir) -> list[dict]:
+    """Per-finding rows of an `evaluate --compare` folder (candidate = LoRA + MoLRE, reference = LoRA only), in
+    catalog order: id, n_pos, auc_lora, auc_molre, gain (MoLRE minus LoRA only) and its paired bootstrap
+    interval gain_ci; AUCs are None where a finding could not be evaluated."""
+    from .evaluate import COMPARISON_TSV
+
+    with (Path(evaluation_dir) / COMPARISON_TSV).open(newline="", encoding="utf-8") as handle:
+        return [{"id": r["id"], "n_pos": int(r["n_pos"] or 0), "auc_lora": _float(r["auc_reference"]),
+                 "auc_molre": _float(r["auc_candidate"]), "gain": _float(r["difference"]),
+                 "gain_ci": [_float(r["difference_ci_low"]), _float(r["difference_ci_high"])]}
+                for r in csv.DictReader(handle, delimiter="\t")]
+
+
 def run_compare(cases_csv, backbones_text: str, out_dir, *, backbone_root=None, config=None, image_size=None,
                 cache_dir=None, device: str = "auto", n_boot: int = 1000, nproc: int | None = None,
                 frozen_backbones: bool = False,
@@ -183,7 +196,7 @@ def run_compare(cases_csv, backbones_text: str, out_dir, *, backbone_root=None, 
     from ..training import train
     from ..training.cases import read_cases
     from . import report
-    from .evaluate import COMPARISON_TSV, evaluate
+    from .evaluate import evaluate
 
     config = config or train.TrainConfig()
     out = Path(out_dir).expanduser()
@@ -218,10 +231,8 @@ def run_compare(cases_csv, backbones_text: str, out_dir, *, backbone_root=None, 
         evaluation = evaluate(cases_csv, trained["molre"], evaluation_dir, compare=trained["lora"], device=device,
                               cache_dir=cache_dir, split=split, n_boot=n_boot, seed=config.seed)
         comparison = evaluation["comparison"]
-        with (evaluation_dir / COMPARISON_TSV).open(newline="", encoding="utf-8") as handle:
-            per_finding = list(csv.DictReader(handle, delimiter="\t"))
-        aucs = {"lora": [_float(r["auc_reference"]) for r in per_finding],
-                "molre": [_float(r["auc_candidate"]) for r in per_finding]}
+        per_finding = read_comparison(evaluation_dir)
+        aucs = {key: [r[f"auc_{key}"] for r in per_finding] for key, _, _ in ARMS}
         arms = {}
         for key, _, title in ARMS:
             values = [v if v is not None else float("nan") for v in aucs[key]]
@@ -236,10 +247,7 @@ def run_compare(cases_csv, backbones_text: str, out_dir, *, backbone_root=None, 
             "mean_gain": comparison["mean_gain"], "mean_gain_ci": comparison["mean_gain_ci"],
             "n_improved": comparison["n_improved"], "n_worse": comparison["n_worse"],
             "n_compared": comparison["n_compared"], "n_cases": comparison["n_cases"],
-            "per_finding": [{"id": r["id"], "n_pos": int(r["n_pos"] or 0), "auc_lora": _float(r["auc_reference"]),
-                             "auc_molre": _float(r["auc_candidate"]), "gain": _float(r["difference"]),
-                             "gain_ci": [_float(r["difference_ci_low"]), _float(r["difference_ci_high"])]}
-                            for r in per_finding],
+            "per_finding": per_finding,
         })
         report.radar_plot(out / f"fig3_radar_{choice.label}.png", catalog,
                           {f"{choice.label} {title}": [v if v is not None else float("nan") for v in aucs[key]]
