@@ -213,10 +213,12 @@ _PILLAR0_RULES = (
 
 
 def _released_atlas_settings(source: Path | None) -> dict[str, Any]:
-    """num_heads / merge_ratio / local2global from a released config.json beside the weights, if any.
+    """num_heads, merge_ratio, local2global and the volume (image_size, num_frames) from a released
+    config.json beside the weights, if any.
 
     Read as JSON only; the keys are searched for (Pillar-0 nests them under vision_cfg.model_config:
-    ``model.atlas_args.num_heads`` and ``modalities.<modality>.merge_ratio`` / ``local2global``)."""
+    ``model.atlas_args.num_heads`` and ``modalities.<modality>.merge_ratio`` / ``local2global`` /
+    ``image_size`` = [H, W, D])."""
     if source is None or not (source.parent / "config.json").is_file():
         return {}
     config_path = source.parent / "config.json"
@@ -237,6 +239,10 @@ def _released_atlas_settings(source: Path | None) -> dict[str, Any]:
                 value = node.get(key)
                 if isinstance(value, list) and value and all(isinstance(v, int) for v in value) and len(set(value)) == 1:
                     found.setdefault(key, value[0])
+            size = node.get("image_size")  # the reference's volume order: [H, W, D]
+            if "merge_ratio" in node and isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size):
+                found.setdefault("image_size", size[0])
+                found.setdefault("num_frames", size[2])
             for child in node.values():
                 walk(child)
         elif isinstance(node, list):
