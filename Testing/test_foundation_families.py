@@ -55,6 +55,9 @@ def through_every_command(capsys, tmp_path, toy_cases, family, image_size, model
     code, out, err = run(capsys, "infer", case, "--model", start, "--device", "cpu", "--json")
     assert code == 0, err
     assert len(json.loads(out)["findings"]) == 75
+    code, _, err = run(capsys, "infer", case, "--model", start, "--device", "cpu", "--out", tmp_path / "maps")
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "maps").iterdir()} >= {"findings.tsv", "attention.nrrd", "experts.nrrd"}
 
     common = ["--cases", cases_csv, "--epochs", 1, "--min-epochs", 1, "--batch-size", 2, "--device", "cpu",
               "--precision", "fp32", "--cache", cache, "--workers", 0, "--no-augment"]
