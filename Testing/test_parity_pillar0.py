@@ -109,6 +109,25 @@ def test_parity_at_the_released_widths(tmp_path):
     torch.testing.assert_close(embedding, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_real_size_parity_128x256x256():
+    """The assumed Pillar0-HeadCT configuration at its full volume (11 x 128 x 256 x 256, stages [6, 6, 6]):
+    minutes of CPU. Weights and input regenerated from the fixture's seeds; converted in memory."""
+    shapes = json.loads((DATA / "real" / "keys.json").read_text())
+    checkpoint = {k: seeded_tensor(k[len("model.visual."):], tuple(shape), dtype) for k, (shape, dtype) in shapes.items()}
+    config, state, _ = pillar0_state(checkpoint, "headct")
+    del checkpoint
+    assert config.depths == [6, 6, 6] and config.num_scales == 3
+    model = AtlasEncoder(config).eval()
+    model.load_state_dict(state, strict=True)
+    del state
+    levels = torch.randint(0, 256, (1, 11, 128, 256, 256), generator=torch.Generator().manual_seed(5678), dtype=torch.uint8)
+    with torch.no_grad():
+        embedding = model(pixel_values=levels.float() / 255).pooler_output
+    expected = load_file(str(DATA / "real" / "outputs.safetensors"))["embedding"]
+    torch.testing.assert_close(embedding, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_converter_refuses_pickles_that_need_code_and_other_models(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"model.visual.patch_embeds.brain_ct.conv_down.0.weight": torch.zeros(1), "x": argparse.Namespace()}, evil)
