@@ -49,6 +49,7 @@ def test_compare_accepts_pillar0_headct_and_fine_tunes_it_in_full(tmp_path):
     rows = compare.plan(choices, 10, config)  # parameters counted on the meta device
     assert rows[0]["protocol"] == "fully fine-tuned" and rows[1]["protocol"] == "frozen + LoRA"
     assert rows[0]["backbone_parameters"] == 115_903_424
+    assert rows[0]["weight_memory_gb"] == round(115_903_424 * 16 / 1e9, 2)  # weights, gradients, AdamW moments
     assert compare.arm_config(choices[0], config).train_backbone
     assert not compare.arm_config(choices[0], config, frozen_backbones=True).train_backbone
     assert not compare.arm_config(choices[1], config).train_backbone

@@ -105,14 +105,14 @@ def plan(choices: list[BackboneChoice], n_cases: int, config, frozen_backbones: 
             model = model_class(config_class(**backbones.random_init_config_dict(spec)))
         params = sum(p.numel() for p in model.parameters())
         steps = config.max_epochs * max(1, n_cases // max(1, config.batch_size))
+        full = arm_config(choice, config, frozen_backbones).train_backbone
         rows.append({
             "backbone": choice.label, "weights": str(choice.folder or "random initialisation"),
             "backbone_parameters": params,
-            # fp32 frozen weights + optimiser state of the adapters; activations come on top (batch, slices)
-            "weight_memory_gb": round(params * 4 / 1e9, 2),
+            # fp32 weights (fully fine-tuned: + gradients + two AdamW moments); activations come on top
+            "weight_memory_gb": round(params * 4 * (4 if full else 1) / 1e9, 2),
             "max_optimizer_steps_per_arm": steps,
-            "protocol": "fully fine-tuned" if arm_config(choice, config, frozen_backbones).train_backbone
-            else "frozen + LoRA",
+            "protocol": "fully fine-tuned" if full else "frozen + LoRA",
             "time_estimate": "at most "
             + (f"{config.max_minutes:.0f} min per arm (--max-minutes)" if config.max_minutes else f"{config.max_epochs} epochs per arm"),
         })
@@ -209,7 +209,9 @@ def run_compare(cases_csv, backbones_text: str, out_dir, *, backbone_root=None, 
     log("plan:")
     for row in rows_plan:
         log(f"  {row['backbone']}: {row['backbone_parameters'] / 1e6:.1f} M backbone parameters, about "
-            f"{row['weight_memory_gb']} GB of weights (+ activations), {row['protocol']}, 2 arms x {row['time_estimate']}, "
+            f"{row['weight_memory_gb']} GB of weights"
+            f"{' + gradients + AdamW moments' if row['protocol'] == 'fully fine-tuned' else ''} (+ activations), "
+            f"{row['protocol']}, 2 arms x {row['time_estimate']}, "
             f"weights: {row['weights']}")
     for note in notes:
         log(f"  not available: {note}")
