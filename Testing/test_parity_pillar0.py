@@ -2,8 +2,10 @@
 
 Fixtures (Testing/Data/parity/pillar0/, provenance in PROVENANCE.md) were made by running the reference
 (Pillar-0's remote code, transcribed into a scratch folder outside the project) on seeded random weights:
-  tiny/  inputs, the state dict under the released checkpoint's key names (model.visual.*), outputs.
-The real size is checked by its parameter count (random init on the meta device, no download).
+  tiny/    inputs, the state dict under the released checkpoint's key names (model.visual.*), outputs;
+  widths/  Pillar0-HeadCT's widths on a 64 x 128 x 128 volume: key names and outputs (weights regenerated);
+  real/    the assumed real configuration on its full volume: key names and outputs (slow test).
+The real size's parameter count is checked on the meta device (random init, no download).
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ import argparse
 import json
 import math
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from pathlib import Path
 
 from HeadCTMoLRELib.model.atlas import AtlasConfig, AtlasEncoder
 from HeadCTMoLRELib.model.backbones import BackboneSpec, adapted_module_names, build_backbone
