@@ -34,3 +34,24 @@ def test_compare_tiny_backbones_writes_table2_and_resumes(tmp_path, capsys):
     stamp = (out / "dinov3-tiny" / "molre" / "run" / "compare_done.json").stat().st_mtime
     assert cli.main(argv) == 0  # resumes: finished arms are not trained again
     assert (out / "dinov3-tiny" / "molre" / "run" / "compare_done.json").stat().st_mtime == stamp
+
+
+def test_compare_accepts_pillar0_headct_and_fine_tunes_it_in_full(tmp_path):
+    from HeadCTMoLRELib.evaluation import compare
+    from HeadCTMoLRELib.training.train import TrainConfig
+
+    (tmp_path / "pillar0-headct").mkdir()
+    choices, notes = compare.parse_backbones("pillar0:headct,medimageinsight:tiny,deepcntd", tmp_path)
+    assert [(c.family, c.size, c.folder) for c in choices] == [
+        ("pillar0", "headct", tmp_path / "pillar0-headct"), ("medimageinsight", "tiny", None)]
+    assert notes == [compare.NOT_AVAILABLE["deepcntd"]]
+    config = TrainConfig(max_epochs=2, batch_size=2)
+    rows = compare.plan(choices, 10, config)  # parameters counted on the meta device
+    assert rows[0]["protocol"] == "fully fine-tuned" and rows[1]["protocol"] == "frozen + LoRA"
+    assert rows[0]["backbone_parameters"] == 115_903_424
+    assert rows[0]["weight_memory_gb"] == round(115_903_424 * 16 / 1e9, 2)  # weights, gradients, AdamW moments
+    assert compare.arm_config(choices[0], config).train_backbone
+    assert not compare.arm_config(choices[0], config, frozen_backbones=True).train_backbone
+    assert not compare.arm_config(choices[1], config).train_backbone
+    with pytest.raises(compare.CompareError, match="no weights folder"):
+        compare.parse_backbones("pillar0:headct", tmp_path / "elsewhere")

@@ -206,6 +206,22 @@ def test_parallel_build_matches_serial_build(tmp_path):
         assert np.array_equal(a.pixels, b.pixels) and np.array_equal(a.slice_valid, b.slice_valid)
 
 
+def test_cached_cases_start_no_worker_processes(tmp_path, monkeypatch):
+    """A pool of spawned workers costs seconds per start (each imports the library): only uncached cases use it."""
+    csv_path = write_toy_dataset(tmp_path / "cases", 3)
+    sources = [c.path for c in data.read_cases(csv_path, small_catalog()).cases]
+    first = data.build_cache(sources[:2], PRE, cache_dir=tmp_path / "cache", workers=0)
+    pooled = []
+    monkeypatch.setattr(data, "_build_in_pool", lambda pending, *a: pooled.append(list(pending)) or list(pending))
+    again = data.build_cache(sources, PRE, cache_dir=tmp_path / "cache", workers=4)
+    assert pooled == []  # one uncached case runs in this process, the two cached ones are only read
+    assert again.reused == 2 and len(again.files) == 3 and set(first.files.items()) <= set(again.files.items())
+    (tmp_path / "more").mkdir()
+    extra = [write_toy_case(tmp_path / "more" / f"{i}.nii.gz", bool(i % 2), i) for i in range(2)]
+    data.build_cache(sources + extra, PRE, cache_dir=tmp_path / "cache", workers=4)
+    assert pooled == [[str(e) for e in extra]]  # only the two new cases go to the pool (here: run serially)
+
+
 def test_folder_hash_follows_content_not_location(tmp_path):
     folder = tmp_path / "series"
     folder.mkdir()

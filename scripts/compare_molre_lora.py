@@ -19,7 +19,6 @@ phantoms, preprocessing cache and backbone are reused::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -47,15 +46,6 @@ def renderable_ids() -> list[str]:
     from HeadCTMoLRELib.phantoms import RENDERABLE_FINDINGS
 
     return list(RENDERABLE_FINDINGS)
-
-
-def _read_rows(tsv: Path) -> dict[str, dict]:
-    with tsv.open(newline="", encoding="utf-8") as handle:
-        return {row["id"]: row for row in csv.DictReader(handle, delimiter="\t")}
-
-
-def _float(text: str | None) -> float | None:
-    return float(text) if text not in (None, "") else None
 
 
 def summary_over(ids: list[str], aucs: dict[str, float | None]) -> dict:
@@ -201,7 +191,8 @@ def main(argv=None) -> int:
     import torch
 
     from HeadCTMoLRELib.model import bundle, classifier as model
-    from HeadCTMoLRELib.evaluation.evaluate import COMPARISON_TSV, evaluate
+    from HeadCTMoLRELib.evaluation.compare import read_comparison
+    from HeadCTMoLRELib.evaluation.evaluate import evaluate
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=str(demo.default_work_dir()), help="the demo's work folder (reused)")
@@ -242,18 +233,15 @@ def main(argv=None) -> int:
                           cache_dir=work / "cache")
     comparison = evaluation["comparison"]
     rendered = renderable_ids()
-    tsv = _read_rows(out / COMPARISON_TSV)
-    aucs_lora = {fid: _float(row["auc_reference"]) for fid, row in tsv.items()}
-    aucs_molre = {fid: _float(row["auc_candidate"]) for fid, row in tsv.items()}
+    per_finding = read_comparison(out)  # the same reading of evaluate's comparison as `headct-molre compare`
+    aucs_lora = {row["id"]: row["auc_lora"] for row in per_finding}
+    aucs_molre = {row["id"]: row["auc_molre"] for row in per_finding}
     arms["molre"].update(mean_auc=comparison["mean_auc_candidate"], n_findings_evaluated=evaluation["n_findings_evaluated"])
     arms["lora"].update(mean_auc=comparison["mean_auc_reference"], n_findings_evaluated=evaluation["n_findings_evaluated"])
-    rows = []
-    for fid, row in tsv.items():
-        if aucs_molre[fid] is None and aucs_lora[fid] is None:
-            continue
-        rows.append({"id": fid, "rendered": fid in rendered, "n_pos": int(row["n_pos"] or 0),
-                     "auc_lora": aucs_lora[fid], "auc_molre": aucs_molre[fid], "gain": _float(row["difference"]),
-                     "gain_ci_low": _float(row["difference_ci_low"]), "gain_ci_high": _float(row["difference_ci_high"])})
+    rows = [{"id": row["id"], "rendered": row["id"] in rendered, "n_pos": row["n_pos"], "auc_lora": row["auc_lora"],
+             "auc_molre": row["auc_molre"], "gain": row["gain"], "gain_ci_low": row["gain_ci"][0],
+             "gain_ci_high": row["gain_ci"][1]}
+            for row in per_finding if row["auc_lora"] is not None or row["auc_molre"] is not None]
     rows.sort(key=lambda r: (not r["rendered"], -(r["gain"] if r["gain"] is not None else -9)))
     result = {
         "date": time.strftime("%Y-%m-%d"), "duration_min": (time.perf_counter() - started) / 60,

@@ -232,7 +232,7 @@ def _cmd_new_model(args) -> int:
         return EXIT_REFUSED
     catalog = findings.load_catalog(args.catalog) if args.catalog else findings.default_catalog()
     torch.manual_seed(args.seed)
-    image_size = args.image_size or backbones.default_image_size(args.backbone)
+    image_size = args.image_size or backbones.default_image_size(args.backbone, args.size)
     spec = backbones.BackboneSpec(
         family=args.backbone, size=args.size, image_size=image_size,
         source=str(Path(args.backbone_path).resolve()) if args.backbone_path else None,
@@ -440,13 +440,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = add("new-model", _cmd_new_model, "Create an untrained model bundle (LoRA + MoLRE adapters at init).")
     p.add_argument("--backbone", required=True,
-                   help="backbone family: dinov3, dinov2, siglip, videomae3d, medimageinsight")
-    p.add_argument("--size", required=True, help="tiny, small, base, large (so400m for siglip; base for medimageinsight)")
+                   help="backbone family: dinov3, dinov2, siglip, videomae3d, medimageinsight, pillar0")
+    p.add_argument("--size", required=True, help="tiny, small, base, large (so400m for siglip; base for medimageinsight; headct for pillar0)")
     p.add_argument("--backbone-path", help="local Hugging Face folder with the pretrained backbone (no download)")
     p.add_argument("--out", required=True, help="bundle folder to create")
     p.add_argument("--image-size", type=int, default=None,
                    help="slice size in pixels fed to the backbone (default: the family's own, 480 for "
-                   "medimageinsight, else 224)")
+                   "medimageinsight, 256 for pillar0, else 224)")
     p.add_argument("--alignment", default="template", choices=("template", "center", "none"),
                    help="head-frame alignment used in preprocessing")
     p.add_argument("--no-molre", action="store_true", help="the paper's LoRA-only baseline")
@@ -460,10 +460,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "such a model is labelled RANDOM BACKBONE and `train` refuses it unless --train-backbone")
 
     p = add("convert-weights", _cmd_convert_weights,
-            "Convert a released checkpoint (e.g. MedImageInsight's .pt) into a safetensors backbone folder.")
+            "Convert a released checkpoint (MedImageInsight's .pt, Pillar0-HeadCT's model.safetensors) into a "
+            "safetensors backbone folder.")
     p.add_argument("source", help="the released checkpoint (.pt read with torch.load(weights_only=True), or .safetensors)")
-    p.add_argument("--family", required=True, help="medimageinsight")
-    p.add_argument("--size", help="the family's size the checkpoint has (default: base)")
+    p.add_argument("--family", required=True, help="medimageinsight or pillar0")
+    p.add_argument("--size", help="the family's size the checkpoint has (default: base; headct for pillar0)")
     p.add_argument("--out", required=True, help="folder to create (config.json + model.safetensors + conversion.json)")
 
     p = add("infer", _cmd_infer, "Run a model bundle on a head CT and print the findings.")

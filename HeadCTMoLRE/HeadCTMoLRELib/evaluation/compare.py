@@ -6,8 +6,11 @@ TrainConfig (same split, seed, budget; they differ only in ``use_molre``) and ev
 held-out cases (the CSV's ``test`` split when it has one, otherwise every case, with a warning) with
 paired bootstrap intervals of every per-finding gain (MoLRE minus LoRA-only; evaluate.comparison_summary).
 
-Backbone weights: ``BACKBONE_ROOT/FAMILY-SIZE`` (a Hugging Face folder, or for MedImageInsight a folder
-written by ``convert-weights``); tiny sizes without a folder are randomly initialised (tests). Outputs in
+Protocol: frozen backbone + LoRA for every family except Pillar0, which the paper fine-tunes in full
+(``train --train-backbone`` in both arms; ``--frozen-backbones`` keeps it frozen too).
+
+Backbone weights: ``BACKBONE_ROOT/FAMILY-SIZE`` (a Hugging Face folder, or for MedImageInsight and Pillar0 a
+folder written by ``convert-weights``); tiny sizes without a folder are randomly initialised (tests). Outputs in
 OUT: ``table2.md`` / ``table2.json`` (mean AUC +- std over findings, total / trainable / MoLRE parameters,
 the gain with its interval), ``fig2_strata.png`` (findings with AUC >= 0.90 and 0.80-0.90 per arm and
 backbone), ``fig3_radar_<backbone>.png`` (per-finding AUC of both arms), and per backbone and arm its start
@@ -28,6 +31,9 @@ from pathlib import Path
 from typing import Callable
 
 ARMS = (("lora", False, "LoRA only"), ("molre", True, "LoRA + MoLRE"))
+# The paper fine-tunes these backbones in full (both arms; MoLRE on the pooled volume embedding); the others
+# stay frozen with LoRA. --frozen-backbones trains every backbone frozen.
+FULLY_FINE_TUNED = frozenset({"pillar0"})
 # Table 2 of the paper; DeepCNTD has neither public weights nor a public architecture.
 NOT_AVAILABLE = {"deepcntd": "DeepCNTD: no public weights or architecture (see docs/backbones.md)"}
 
@@ -76,7 +82,15 @@ def parse_backbones(text: str, backbone_root: str | os.PathLike | None) -> tuple
     return choices, notes
 
 
-def plan(choices: list[BackboneChoice], n_cases: int, config) -> list[dict]:
+def arm_config(choice: BackboneChoice, config, frozen_backbones: bool = False):
+    """The TrainConfig of both arms of a backbone: the paper's protocol (full fine-tuning for Pillar0)."""
+    import dataclasses
+
+    full = choice.family in FULLY_FINE_TUNED and not frozen_backbones
+    return dataclasses.replace(config, train_backbone=full) if full != config.train_backbone else config
+
+
+def plan(choices: list[BackboneChoice], n_cases: int, config, frozen_backbones: bool = False) -> list[dict]:
     """Per backbone: parameters (counted on the meta device), weight memory, and the step budget."""
     import torch
 
@@ -84,19 +98,21 @@ def plan(choices: list[BackboneChoice], n_cases: int, config) -> list[dict]:
 
     rows = []
     for choice in choices:
-        spec = backbones.BackboneSpec(choice.family, choice.size, backbones.default_image_size(choice.family))
+        spec = backbones.BackboneSpec(choice.family, choice.size, backbones.default_image_size(choice.family, choice.size))
         with torch.device("meta"):
             _, model_class = backbones.FAMILIES[choice.family].classes()
             config_class, _ = backbones.FAMILIES[choice.family].classes()
             model = model_class(config_class(**backbones.random_init_config_dict(spec)))
         params = sum(p.numel() for p in model.parameters())
         steps = config.max_epochs * max(1, n_cases // max(1, config.batch_size))
+        full = arm_config(choice, config, frozen_backbones).train_backbone
         rows.append({
             "backbone": choice.label, "weights": str(choice.folder or "random initialisation"),
             "backbone_parameters": params,
-            # fp32 frozen weights + optimiser state of the adapters; activations come on top (batch, slices)
-            "weight_memory_gb": round(params * 4 / 1e9, 2),
+            # fp32 weights (fully fine-tuned: + gradients + two AdamW moments); activations come on top
+            "weight_memory_gb": round(params * 4 * (4 if full else 1) / 1e9, 2),
             "max_optimizer_steps_per_arm": steps,
+            "protocol": "fully fine-tuned" if full else "frozen + LoRA",
             "time_estimate": "at most "
             + (f"{config.max_minutes:.0f} min per arm (--max-minutes)" if config.max_minutes else f"{config.max_epochs} epochs per arm"),
         })
@@ -139,6 +155,7 @@ def _train_arm(cases_csv, start: Path, run_dir: Path, config, cache_dir, nproc: 
         command += ["--cache", str(cache_dir)] if cache_dir else []
         command += ["--max-minutes", str(config.max_minutes)] if config.max_minutes else []
         command += ["--resume"] if resume else []
+        command += ["--train-backbone"] if config.train_backbone else []
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                          os.environ.get("PYTHONPATH")])))
         if subprocess.run(command, env=env).returncode != 0:
@@ -155,8 +172,22 @@ def _float(text):
     return float(text) if text not in (None, "") else None
 
 
+def read_comparison(evaluation_dir) -> list[dict]:
+    """Per-finding rows of an `evaluate --compare` folder (candidate = LoRA + MoLRE, reference = LoRA only), in
+    catalog order: id, n_pos, auc_lora, auc_molre, gain (MoLRE minus LoRA only) and its paired bootstrap
+    interval gain_ci; AUCs are None where a finding could not be evaluated."""
+    from .evaluate import COMPARISON_TSV
+
+    with (Path(evaluation_dir) / COMPARISON_TSV).open(newline="", encoding="utf-8") as handle:
+        return [{"id": r["id"], "n_pos": int(r["n_pos"] or 0), "auc_lora": _float(r["auc_reference"]),
+                 "auc_molre": _float(r["auc_candidate"]), "gain": _float(r["difference"]),
+                 "gain_ci": [_float(r["difference_ci_low"]), _float(r["difference_ci_high"])]}
+                for r in csv.DictReader(handle, delimiter="\t")]
+
+
 def run_compare(cases_csv, backbones_text: str, out_dir, *, backbone_root=None, config=None, image_size=None,
                 cache_dir=None, device: str = "auto", n_boot: int = 1000, nproc: int | None = None,
+                frozen_backbones: bool = False,
                 progress: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the comparison; returns the Table 2 result also written to OUT/table2.json."""
     from .. import findings, metrics
@@ -165,7 +196,7 @@ def run_compare(cases_csv, backbones_text: str, out_dir, *, backbone_root=None, 
     from ..training import train
     from ..training.cases import read_cases
     from . import report
-    from .evaluate import COMPARISON_TSV, evaluate
+    from .evaluate import evaluate
 
     config = config or train.TrainConfig()
     out = Path(out_dir).expanduser()
@@ -174,11 +205,13 @@ def run_compare(cases_csv, backbones_text: str, out_dir, *, backbone_root=None, 
     catalog = findings.default_catalog()
     table = read_cases(cases_csv, catalog)
     split = "test" if table.has_split and len(table.split("test")) else None
-    rows_plan = plan(choices, len(table), config)
+    rows_plan = plan(choices, len(table), config, frozen_backbones)
     log("plan:")
     for row in rows_plan:
         log(f"  {row['backbone']}: {row['backbone_parameters'] / 1e6:.1f} M backbone parameters, about "
-            f"{row['weight_memory_gb']} GB of weights (+ activations), 2 arms x {row['time_estimate']}, "
+            f"{row['weight_memory_gb']} GB of weights"
+            f"{' + gradients + AdamW moments' if row['protocol'] == 'fully fine-tuned' else ''} (+ activations), "
+            f"{row['protocol']}, 2 arms x {row['time_estimate']}, "
             f"weights: {row['weights']}")
     for note in notes:
         log(f"  not available: {note}")
@@ -187,22 +220,21 @@ def run_compare(cases_csv, backbones_text: str, out_dir, *, backbone_root=None, 
 
     results = []
     for choice in choices:
-        size = image_size or backbones.default_image_size(choice.family)
+        size = image_size or backbones.default_image_size(choice.family, choice.size)
         pre = preprocess.PreprocessConfig(image_size=size)
         base = out / choice.label
         trained = {}
         for key, use_molre, title in ARMS:
             log(f"{choice.label}: {title}")
             start = _start_bundle(choice, use_molre, base / key / "start", catalog, pre, config.seed)
-            trained[key] = _train_arm(cases_csv, start, base / key / "run", config, cache_dir, nproc, progress)
+            trained[key] = _train_arm(cases_csv, start, base / key / "run", arm_config(choice, config, frozen_backbones),
+                                      cache_dir, nproc, progress)
         evaluation_dir = base / "evaluation"
         evaluation = evaluate(cases_csv, trained["molre"], evaluation_dir, compare=trained["lora"], device=device,
                               cache_dir=cache_dir, split=split, n_boot=n_boot, seed=config.seed)
         comparison = evaluation["comparison"]
-        with (evaluation_dir / COMPARISON_TSV).open(newline="", encoding="utf-8") as handle:
-            per_finding = list(csv.DictReader(handle, delimiter="\t"))
-        aucs = {"lora": [_float(r["auc_reference"]) for r in per_finding],
-                "molre": [_float(r["auc_candidate"]) for r in per_finding]}
+        per_finding = read_comparison(evaluation_dir)
+        aucs = {key: [r[f"auc_{key}"] for r in per_finding] for key, _, _ in ARMS}
         arms = {}
         for key, _, title in ARMS:
             values = [v if v is not None else float("nan") for v in aucs[key]]
@@ -212,13 +244,12 @@ def run_compare(cases_csv, backbones_text: str, out_dir, *, backbone_root=None, 
         results.append({
             "backbone": choice.label, "family": choice.family, "size": choice.size, "image_size": size,
             "weights": str(choice.folder or "random initialisation"), "arms": arms,
+            "protocol": "fully fine-tuned" if arm_config(choice, config, frozen_backbones).train_backbone
+            else "frozen + LoRA",
             "mean_gain": comparison["mean_gain"], "mean_gain_ci": comparison["mean_gain_ci"],
             "n_improved": comparison["n_improved"], "n_worse": comparison["n_worse"],
             "n_compared": comparison["n_compared"], "n_cases": comparison["n_cases"],
-            "per_finding": [{"id": r["id"], "n_pos": int(r["n_pos"] or 0), "auc_lora": _float(r["auc_reference"]),
-                             "auc_molre": _float(r["auc_candidate"]), "gain": _float(r["difference"]),
-                             "gain_ci": [_float(r["difference_ci_low"]), _float(r["difference_ci_high"])]}
-                            for r in per_finding],
+            "per_finding": per_finding,
         })
         report.radar_plot(out / f"fig3_radar_{choice.label}.png", catalog,
                           {f"{choice.label} {title}": [v if v is not None else float("nan") for v in aucs[key]]
@@ -253,7 +284,8 @@ def table2_markdown(result: dict) -> str:
             p = arm["parameters"]
             gain = "" if key == "lora" else (f"{fmt(row['mean_gain'])} ({fmt(row['mean_gain_ci'][0])} to "
                                              f"{fmt(row['mean_gain_ci'][1])})")
-            lines.append(f"| {row['backbone']} | {title} | {fmt(arm['mean_auc'])} +- {fmt(arm['std_auc'])} | "
+            protocol = " (fully fine-tuned)" if row.get("protocol") == "fully fine-tuned" else ""
+            lines.append(f"| {row['backbone']}{protocol} | {title} | {fmt(arm['mean_auc'])} +- {fmt(arm['std_auc'])} | "
                          f"{arm['n_findings_evaluated']} | {arm['strata'].get('auc_ge_0.90', 0)} | "
                          f"{arm['strata'].get('auc_0.80_0.90', 0)} | {params(p['total'])} | {params(p['trainable'])} | "
                          f"{params(p['molre'])} | {gain} |")
@@ -277,7 +309,8 @@ def add_arguments(parser) -> None:
     defaults = TrainConfig()
     parser.add_argument("--cases", required=True, help="cases CSV (path, split, one column per finding)")
     parser.add_argument("--backbones", required=True,
-                        help="comma-separated FAMILY:SIZE, e.g. dinov3:base,dinov3:large,siglip:so400m,medimageinsight:base")
+                        help="comma-separated FAMILY:SIZE, e.g. dinov3:base,dinov3:large,siglip:so400m,"
+                        "medimageinsight:base,pillar0:headct,deepcntd (DeepCNTD is listed as not available)")
     parser.add_argument("--backbone-root", help="folder holding FAMILY-SIZE weight folders (e.g. dinov3-base/)")
     parser.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     parser.add_argument("--epochs", type=int, default=defaults.max_epochs)
@@ -294,6 +327,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--torchrun", type=int, default=None, metavar="N",
                         help="train each arm under torchrun with N processes (GPUs) on this machine")
     parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--frozen-backbones", action="store_true",
+                        help="train every backbone frozen with LoRA (default: Pillar0 fully fine-tuned, as in the paper)")
 
 
 def run_from_args(args) -> int:
@@ -307,6 +342,7 @@ def run_from_args(args) -> int:
     result = run_compare(args.cases, args.backbones, args.out, backbone_root=args.backbone_root, config=config,
                          image_size=args.image_size, cache_dir=args.cache, device=args.device,
                          n_boot=args.bootstrap, nproc=args.torchrun, progress=ProgressPrinter(),
+                         frozen_backbones=args.frozen_backbones,
                          log=lambda m: print(m, file=sys.stderr))
     print(table2_markdown(result))
     print(f"wrote {Path(args.out) / 'table2.md'}, table2.json and the figures")

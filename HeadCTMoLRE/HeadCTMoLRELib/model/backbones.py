@@ -11,6 +11,9 @@ Families (no timm/torchvision):
     "medimageinsight"  MedImageInsight's DaViT image encoder (native torch, model/davit.py), 480 px;
                   slice feature = its image embedding (pooled stage-4 tokens after LayerNorm, times the
                   image projection: 1024-d, before the contrastive L2 normalisation)
+    "pillar0"     Pillar0-HeadCT's Atlas vision encoder (native torch, model/atlas.py), a 3-D model:
+                  valid slices resampled to num_frames (128) at 256 px; volume feature = its pooled
+                  multi-scale embedding (1152-d for HeadCT, before the contrastive L2 normalisation)
 
 2-D families give a `SliceEncoder`: pixels (N, 3, H, W) in 0..1 -> features (N, d). The 3-D family gives a
 `VolumeEncoder`: pixels (B, S, 3, H, W) + slice_mask (B, S) -> features (B, d); the valid slices of each
@@ -277,14 +280,47 @@ FAMILIES: dict[str, _Family] = {
         shape_keys=("embed_dims", "depths", "num_heads", "num_groups", "projection_dim"),
         native_image_size=480,
     ),
+    # Pillar0-HeadCT (Yala lab): the Atlas vision encoder of the Pillar-0 CLIP model (native torch,
+    # model/atlas.py); a genuine 3-D model: the valid slices resampled to num_frames, H = W = image_size;
+    # volume feature = its pooled embedding (max over the tokens of each kept scale, concatenated).
+    # Pillar-0's evaluation code feeds the windowed volume without mean/std normalisation: identity here.
+    "pillar0": _Family(
+        "AtlasConfig",
+        "AtlasEncoder",
+        "pillar0_atlas",
+        (0.0, 0.0, 0.0),
+        (1.0, 1.0, 1.0),
+        r"stages\.\d+\.blocks\.\d+\.scales\.\d+\.attn\.(?:q|kv|proj)",
+        r"stages\.\d+\.blocks\.\d+\.scales\.\d+\.mlp\.(?:fc1|fc2)",
+        {
+            # tiny shapes for tests (also the parity fixture's): 3 windows, 32 x 64 x 64 -> an 8^3 token grid,
+            # three scales (8^3, 4^3, 2^3), width 16; the stem keeps the reference's fixed 64 channels
+            "tiny": {"in_chans": 3, "stem_dim": 64, "num_features": 8, "dim": 16, "depths": [1, 1, 1],
+                     "num_heads": 2, "merge_ratio": 2, "local2global": 2, "num_frames": 32, "image_size": 64},
+            # the released Pillar0-HeadCT: 11 CT windows, 128 x 256 x 256, width 384, 3 scales -> 1152-d;
+            # depths: see docs/backbones.md (the converter reads them from the checkpoint)
+            "headct": {"in_chans": 11, "stem_dim": 64, "num_features": 192, "dim": 384, "depths": [6, 6, 6],
+                       "num_heads": 6, "merge_ratio": 8, "local2global": 2, "num_frames": 128, "image_size": 256},
+        },
+        {},
+        volumetric=True,
+        module="atlas",
+        # widths and geometry define the size; per-stage depths and heads come with the weights
+        shape_keys=("in_chans", "num_features", "dim", "merge_ratio", "local2global"),
+        native_image_size=256,
+    ),
 }
 
 
-def default_image_size(family: str) -> int:
-    """The slice size (px) a family's released weights expect: 480 for MedImageInsight, else 224."""
+def default_image_size(family: str, size: str | None = None) -> int:
+    """The slice size (px) a family's released weights expect: 480 for MedImageInsight, 256 for Pillar0, else 224;
+    a 3-D size whose configuration fixes its slice size (e.g. pillar0 tiny, 64 px) gives that."""
     if family not in FAMILIES:
         raise ValueError(f"Unknown backbone family {family!r}; choose one of {sorted(FAMILIES)}.")
-    return FAMILIES[family].native_image_size or 224
+    fam = FAMILIES[family]
+    if fam.volumetric and size in fam.sizes and "image_size" in fam.sizes[size]:
+        return int(fam.sizes[size]["image_size"])
+    return fam.native_image_size or 224
 
 
 def available_sizes(family: str) -> list[str]:
@@ -410,6 +446,15 @@ class VolumeEncoder(_Encoder):
                 f"preprocess to {size} px."
             )
         pixel_values = self.normalise(self.frames(pixels, slice_mask))
+        if self.spec.family == "pillar0":  # (B, frames, C, H, W) -> (B, C, D, H, W), D = slices
+            channels = int(self.hf_config.in_chans)
+            if pixel_values.shape[2] != channels:
+                raise ValueError(
+                    f"This Pillar0 backbone takes {channels} CT windows per voxel, but the preprocessing renders "
+                    f"{pixel_values.shape[2]}; the released Pillar0-HeadCT expects Pillar-0's own 11-window "
+                    "preprocessing, which HeadCTMoLRE does not reproduce yet (see docs/backbones.md)."
+                )
+            return self.backbone(pixel_values=pixel_values.transpose(1, 2)).pooler_output
         return self.backbone(pixel_values=pixel_values).last_hidden_state.mean(dim=1)
 
 
@@ -557,6 +602,8 @@ def _random_model(spec: BackboneSpec, transformers_config: dict[str, Any] | None
 CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
     "image_size": (8, 4096), "patch_size": (1, 64), "num_channels": (3, 3), "num_register_tokens": (0, 64),
     "num_frames": (1, 512), "tubelet_size": (1, 8), "mlp_ratio": (1, 16),
+    "depths": (1, 64), "in_chans": (1, 64), "stem_dim": (1, 1024), "num_features": (1, 4096), "dim": (1, 8192),
+    "num_heads": (1, 256), "merge_ratio": (1, 64), "local2global": (2, 8), "position_hidden": (1, 4096),
 }
 MAX_INTERMEDIATE_RATIO = 16
 

@@ -1,5 +1,10 @@
 """`headct-molre convert-weights`: released checkpoints of native families -> a safetensors backbone folder.
 
+Families: medimageinsight (below) and pillar0 (Pillar0-HeadCT's model.safetensors or a pickled
+checkpoint: the Atlas vision tower ``model.visual.*`` is kept, renamed to model/atlas.py's names, the
+text side dropped; the stage depths are read from the weights, the number of heads and the window
+geometry from a released config.json beside the weights when there is one).
+
 The released MedImageInsight weights are a pickled ``.pt`` (or, in some redistributions, a
 ``.safetensors``) holding the whole UniCL model: ``image_encoder.*`` (the DaViT), ``image_projection``
 (C_last x projection_dim), the text tower (``lang_encoder.*``, ``lang_projection``) and ``logit_scale``.
@@ -181,7 +186,156 @@ def medimageinsight_state(checkpoint: dict[str, torch.Tensor], size: str = "base
     return config, state, sorted(dropped)
 
 
-CONVERTERS: dict[str, Callable[..., Any]] = {"medimageinsight": medimageinsight_state}
+# -------------------------------------------------------------------------------------------------
+# Pillar-0 (CLIP: Atlas vision tower under model.visual.*, a text side that is not used)
+
+_VISUAL_PREFIXES = ("module.model.visual.", "model.visual.", "visual.")
+_EMBED = r"patch_embeds\.(?P<modality>[a-z_]+)\."
+_BLOCK3D = r"atlas_models\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)\."
+_LEAF = r"(?P<leaf>weight|bias|running_mean|running_var|num_batches_tracked)"
+_STEM_PARTS = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}
+_SCALE_PARTS = {"norm1_q": "norm_q", "norm1_kv": "norm_kv", "attn.q": "attn.q", "attn.kv": "attn.kv",
+                "attn.proj": "attn.proj", "norm2": "norm_mlp", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_PILLAR0_RULES = (
+    (re.compile(_EMBED + r"conv_down\.(?P<part>[0-9])\." + _LEAF),
+     lambda g: f"stem.{_STEM_PARTS[g['part']]}.{g['leaf']}" if g["part"] in _STEM_PARTS else None),
+    (re.compile(_EMBED + r"conv1\.(?P<k>\d+)\.(?P<part>conv1|norm1|conv2|norm2)\." + _LEAF),
+     lambda g: f"stem.blocks.{g['k']}.{g['part']}.{g['leaf']}"),
+    (re.compile(_EMBED + r"ds1\.norm\.(?P<leaf>weight|bias)"), lambda g: f"stem.down_norm.{g['leaf']}"),
+    (re.compile(_EMBED + r"ds1\.reduction\.0\.weight"), lambda g: "stem.down.weight"),
+    (re.compile(_BLOCK3D + r"blocks\.(?P<scale>\d+)\.(?P<part>norm1_q|norm1_kv|attn\.q|attn\.kv|attn\.proj|norm2|"
+                r"mlp\.fc1|mlp\.fc2)\.(?P<leaf>weight|bias)"),
+     lambda g: f"stages.{g['stage']}.blocks.{g['block']}.scales.{g['scale']}.{_SCALE_PARTS[g['part']]}.{g['leaf']}"),
+    (re.compile(_BLOCK3D + r"posemb\.(?P<scale>\d+)\.cpb_mlp\.(?P<part>0|2)\.(?P<leaf>weight|bias)"),
+     lambda g: f"stages.{g['stage']}.blocks.{g['block']}.positions.{g['scale']}.{'fc1' if g['part'] == '0' else 'fc2'}"
+               f".{g['leaf']}"),
+)
+
+
+def _released_atlas_settings(source: Path | None) -> dict[str, Any]:
+    """num_heads, merge_ratio, local2global and the volume (image_size, num_frames) from a released
+    config.json beside the weights, if any.
+
+    Read as JSON only; the keys are searched for (Pillar-0 nests them under vision_cfg.model_config:
+    ``model.atlas_args.num_heads`` and ``modalities.<modality>.merge_ratio`` / ``local2global`` /
+    ``image_size`` = [H, W, D])."""
+    if source is None or not (source.parent / "config.json").is_file():
+        return {}
+    config_path = source.parent / "config.json"
+    if config_path.stat().st_size > 1024 * 1024:
+        return {}
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    found: dict[str, Any] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            args = node.get("atlas_args")
+            if isinstance(args, dict) and isinstance(args.get("num_heads"), int):
+                found.setdefault("num_heads", args["num_heads"])
+            for key in ("merge_ratio", "local2global"):
+                value = node.get(key)
+                if isinstance(value, list) and value and all(isinstance(v, int) for v in value) and len(set(value)) == 1:
+                    found.setdefault(key, value[0])
+            size = node.get("image_size")  # the reference's volume order: [H, W, D]
+            if "merge_ratio" in node and isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size):
+                found.setdefault("image_size", size[0])
+                found.setdefault("num_frames", size[2])
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(data)
+    return found
+
+
+def pillar0_state(checkpoint: dict[str, torch.Tensor], size: str = "headct", source: Path | None = None):
+    """(AtlasConfig, state dict under model/atlas.py's names, dropped key names) from a Pillar-0 checkpoint.
+
+    Widths (input windows, stem, token width) and the per-stage depths are read from the weights; the widths
+    must equal the named size; the heads and the window geometry come from a released config.json beside
+    the weights when there is one, else from the size (they are not visible in the weights)."""
+    from .atlas import AtlasConfig, AtlasEncoder
+    from .backbones import FAMILIES
+
+    prefixed = any(k.startswith(_VISUAL_PREFIXES) for k in checkpoint)
+    state: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    unknown: list[str] = []
+    modalities = set()
+    for original, tensor in checkpoint.items():
+        key = next((original[len(p):] for p in _VISUAL_PREFIXES if original.startswith(p)), None)
+        if key is None:
+            if prefixed:  # the text side, logit scale, ...: not part of the vision tower
+                dropped.append(original)
+                continue
+            key = original
+        for pattern, rename in _PILLAR0_RULES:
+            match = pattern.fullmatch(key)
+            if match:
+                groups = match.groupdict()
+                name = rename(groups)
+                if name is not None:
+                    modalities.add(groups.get("modality"))
+                    state[name] = tensor if tensor.dtype == torch.int64 else tensor.float().contiguous()
+                    break
+        else:
+            unknown.append(original)
+    modalities.discard(None)
+    if unknown:
+        raise ConversionError(
+            f"the checkpoint has {len(unknown)} tensors that are not part of Pillar-0's Atlas vision tower, "
+            f"e.g. {unknown[:5]}; is it a Pillar-0 checkpoint?"
+        )
+    if len(modalities) > 1:
+        raise ConversionError(f"the checkpoint holds patch embeddings of several modalities {sorted(modalities)}; "
+                              "convert a single-modality Pillar-0 model (e.g. Pillar0-HeadCT)")
+    if "stem.conv1.weight" not in state:
+        raise ConversionError("the checkpoint has no Atlas patch embedding: it is not a Pillar-0 vision tower")
+    stages = sorted({int(k.split(".")[1]) for k in state if k.startswith("stages.")})
+    found = {
+        "in_chans": int(state["stem.conv1.weight"].shape[1]),
+        "num_features": int(state["stem.conv2.weight"].shape[0]),
+        "dim": int(state["stem.down.weight"].shape[0]),
+    }
+    expected = FAMILIES["pillar0"].sizes[size]
+    differ = {k: (v, expected[k]) for k, v in found.items() if v != expected[k]}
+    if differ:
+        raise ConversionError(
+            f"the checkpoint's vision tower has another shape than Pillar0 size {size!r} (found vs expected: "
+            f"{differ}); pass the matching --size"
+        )
+    values = dict(expected)
+    values["stem_dim"] = int(state["stem.conv1.weight"].shape[0])
+    values["depths"] = [len({k.split(".")[3] for k in state if k.startswith(f"stages.{i}.blocks.")}) for i in stages]
+    fc1 = state.get("stages.0.blocks.0.scales.0.mlp.fc1.weight")
+    if fc1 is not None:
+        values["mlp_ratio"] = fc1.shape[0] / found["dim"]
+    values.update(_released_atlas_settings(source))
+    try:
+        config = AtlasConfig(**values)
+    except ValueError as error:
+        raise ConversionError(f"the checkpoint does not describe a valid Atlas encoder: {error}") from error
+    with torch.device("meta"):  # names and shapes only, nothing allocated
+        reference = AtlasEncoder(config)
+    wanted = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    missing = sorted(set(wanted) - set(state))
+    extra = sorted(set(state) - set(wanted))
+    wrong = sorted(k for k in set(wanted) & set(state) if tuple(state[k].shape) != wanted[k])
+    if missing or extra or wrong:
+        raise ConversionError(
+            f"the checkpoint's vision tower does not fit an Atlas encoder of {config.num_scales} scales and depths "
+            f"{config.depths}: missing {missing[:5]}, unexpected {extra[:5]}, wrong shape "
+            f"{[(k, tuple(state[k].shape), wanted[k]) for k in wrong[:3]]}"
+        )
+    return config, state, sorted(dropped)
+
+
+CONVERTERS: dict[str, Callable[..., Any]] = {"medimageinsight": medimageinsight_state, "pillar0": pillar0_state}
 
 
 def convert_weights(family: str, source: str | Path, out_dir: str | Path, *, size: str | None = None) -> Path:
@@ -196,7 +350,7 @@ def convert_weights(family: str, source: str | Path, out_dir: str | Path, *, siz
             f"convert-weights knows the families {sorted(CONVERTERS)}, not {family!r} (transformers families "
             "are used as Hugging Face folders directly)"
         )
-    size = size or ("base" if "base" in FAMILIES[family].sizes else next(iter(FAMILIES[family].sizes)))
+    size = size or next((s for s in ("base", "headct") if s in FAMILIES[family].sizes), next(iter(FAMILIES[family].sizes)))
     if size not in FAMILIES[family].sizes:
         raise ConversionError(f"{family} has no size {size!r}; choose one of {list(FAMILIES[family].sizes)}")
     out_dir = Path(out_dir)
@@ -204,7 +358,8 @@ def convert_weights(family: str, source: str | Path, out_dir: str | Path, *, siz
         raise ConversionError(f"{out_dir} already exists; choose another --out or remove it first")
     source = Path(source).expanduser().resolve()
     checkpoint = read_checkpoint(source)
-    config, state, dropped = CONVERTERS[family](checkpoint, size)
+    extra = {"source": source} if family == "pillar0" else {}
+    config, state, dropped = CONVERTERS[family](checkpoint, size, **extra)
     out_dir.mkdir(parents=True)
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt", "model_type": config.model_type})
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -36,9 +36,28 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
+class NativeConfig:
+    """JSON round trip of a native backbone's dataclass config (``config_name`` names it in messages)."""
+
+    config_name = "native backbone"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"_attn_implementation"})
+        if unknown:
+            raise ValueError(f"{cls.config_name} config has unknown entries {unknown}; it was written by another program.")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass
-class DaViTConfig:
+class DaViTConfig(NativeConfig):
     """Shape of a DaViT image encoder; the defaults are MedImageInsight's released model (480 px)."""
+
+    config_name = "DaViT"
 
     embed_dims: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
     depths: list[int] = field(default_factory=lambda: [1, 1, 9, 1])
@@ -83,16 +102,6 @@ class DaViTConfig:
         """Any image size works (strided convolutions, windows zero-padded): no multiple is required."""
         return 1
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DaViTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"_attn_implementation"})
-        if unknown:
-            raise ValueError(f"DaViT config has unknown entries {unknown}; it was written by another program.")
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass

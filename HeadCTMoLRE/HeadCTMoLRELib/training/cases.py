@@ -493,6 +493,21 @@ def _cache_one(source: str, preprocessing_dict: dict, cache_dir: str) -> tuple[s
         return source, None, False, text if source in text else f"{source}: {text}", note
 
 
+def _already_cached(source: str, preprocessing_dict: dict, cache_dir: str):
+    """`_cache_one`'s outcome when ``source`` has an intact cache entry, else None (also for anything
+    unreadable: `_cache_one` then rebuilds or reports it)."""
+    from ..ct.preprocess import PreprocessConfig
+
+    try:
+        target = Path(cache_dir) / f"{cache_key(input_sha256(source), PreprocessConfig.from_dict(preprocessing_dict))}.safetensors"
+        if target.is_symlink() or not target.is_file():
+            return None
+        read_cached_stack(target)
+    except (CacheEntryError, ValueError, OSError, RuntimeError, MemoryError):
+        return None
+    return source, str(target), True, None, None
+
+
 def _worker_init() -> None:
     import SimpleITK as sitk
 
@@ -547,11 +562,18 @@ def build_cache(sources: Iterable[str | os.PathLike | Case], preprocessing, *, c
             progress({"stage": "cache", "done": len(result.files) + len(result.failures), "total": len(unique),
                       "path": source, **({"rebuilt": note} if note else {})})
 
-    if workers <= 1 or len(unique) <= 1:
-        for source in unique:
+    pending = []
+    for source in unique:  # cached cases cost a hash here, not a worker process start
+        outcome = _already_cached(source, *args)
+        if outcome is None:
+            pending.append(source)
+        else:
+            record(outcome)
+    if workers <= 1 or len(pending) <= 1:
+        for source in pending:
             record(_cache_one(source, *args))
-    else:
-        broken = _build_in_pool(unique, args, workers, record)
+    elif pending:
+        broken = _build_in_pool(pending, args, workers, record)
         if broken:  # the pool never worked (e.g. a script without `if __name__ == "__main__":`): go serial
             for source in broken:
                 record(_cache_one(source, *args))

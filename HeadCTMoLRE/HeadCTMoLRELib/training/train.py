@@ -15,9 +15,10 @@ Protocol:
   positive for c, r_c = max(1, sqrt(t / f_c)), a case repeats r_i = max over its positive findings of
   r_c (1 without any) times per epoch, rounded stochastically each epoch (floor(r_i) + Bernoulli(frac)).
 - AdamW, lr 1e-3 for pooling + head, 1e-4 for LoRA + MoLRE (model.param_groups); constant rates.
-  ``train_backbone=True`` (not the paper's protocol: a stand-in for foundation pre-training when no
-  pretrained weights exist, used by scripts/train_demo_model.py) also trains the backbone's own weights
-  at ``lr_backbone``; its bundles then carry the trained backbone (always bundled).
+  ``train_backbone=True`` also trains the backbone's own weights at ``lr_backbone`` (the paper's protocol
+  for Pillar0-HeadCT, "fully fine-tuned + MoLRE"; for the 2-D backbones a stand-in for foundation
+  pre-training when no pretrained weights exist, used by scripts/train_demo_model.py); its bundles then
+  carry the trained backbone (always bundled). The LoRA adapters stay and train too (they start at zero).
 - augmentation: augment.AugmentConfig (the paper's list), on the training device.
 - early stopping on the mean validation AUC over findings with both classes among the validation
   cases: at least ``min_epochs`` (20), then stop after ``patience`` (5) epochs without gain, at most
@@ -621,11 +622,13 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
                     with _autocast(device, run.precision):
                         output = wrapped(pixels, valid)
                     loss = focal_loss(output.logits, labels, alpha, config.focal_gamma)
+                    # where MoLRE routed: each valid slice (2-D), or once per volume (3-D backbones)
+                    routed = valid.any(dim=1, keepdim=True) if model.volumetric else valid
                     balance = model.config.molre.load_balance_weight if model.config.use_molre else 0.0
                     if balance > 0 and output.router_weights is not None:
                         from ..model.molre import load_balance_loss
 
-                        loss = loss + balance * load_balance_loss(output.router_weights, valid)
+                        loss = loss + balance * load_balance_loss(output.router_weights, routed)
                     (loss / group_size).backward()
                 if last_in_group:
                     optimizer.step()
@@ -633,10 +636,10 @@ def _train(run: _Run, checkpoint_dir: Path, progress, should_stop, resume: bool,
                 sums["loss"] += float(loss.detach())
                 sums["batches"] += 1
                 if output.router_weights is not None:
-                    count = int(valid.sum())
-                    usage = (expert_usage(output.router_weights.detach(), valid) * count).tolist()
+                    count = int(routed.sum())
+                    usage = (expert_usage(output.router_weights.detach(), routed) * count).tolist()
                     sums["usage"] = usage if sums["usage"] is None else [a + b for a, b in zip(sums["usage"], usage)]
-                    sums["entropy"] += float(router_entropy(output.router_weights.detach(), valid)) * count
+                    sums["entropy"] += float(router_entropy(output.router_weights.detach(), routed)) * count
                     sums["slices"] += count
                 if progress and context.is_main:
                     done = (step + 1 - start_step) / max(1, len(batches) - start_step)
@@ -835,8 +838,9 @@ def _add_common_arguments(parser, model_help: str) -> None:
                         help="weight of the balance of mean expert usage per batch (default: the bundle's "
                              "MoLREConfig.load_balance_weight, 0 = the paper's unsupervised routing)")
     parser.add_argument("--train-backbone", action="store_true",
-                        help="also train the backbone's own weights (not the paper's protocol; for a backbone "
-                             "without foundation pre-training); the bundle then carries the trained backbone")
+                        help="also train the backbone's own weights (the paper's protocol for pillar0; for 2-D "
+                             "backbones only without foundation pre-training); the bundle then carries the "
+                             "trained backbone")
     parser.add_argument("--lr-backbone", type=float, default=defaults.lr_backbone,
                         help="learning rate of the backbone weights with --train-backbone (default 1e-4)")
 
