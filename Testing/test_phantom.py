@@ -279,3 +279,18 @@ def test_a_finding_that_draws_nothing_is_not_labelled():
     reasons = _findings_without_covered_signal(masks, lowest_covered_slice=3)
     assert set(reasons) == {"lacunar_infarct", "sinusitis"}
     assert "nothing drawn" in reasons["lacunar_infarct"] and "lowest" in reasons["sinusitis"]
+
+
+def test_the_bundled_demo_phantom_is_what_the_generator_draws_with_its_recorded_seed():
+    """Resources/Samples/phantom_demo* (scripts/make_demo_phantom.py): the truth that `headct-molre demo`
+    shows must stay the generator's; after a generator change, rerun the script."""
+    from HeadCTMoLRELib.resources import demo_phantom_paths
+
+    image_path, truth_path = demo_phantom_paths()
+    truth = json.loads(truth_path.read_text(encoding="utf-8"))
+    again = generate_phantom(truth["findings_drawn"], truth["seed"], spacing_mm=tuple(truth["spacing_mm"]),
+                             size_px=truth["size_px"])
+    assert again.metadata["positive_labels"] == truth["positive_labels"]
+    stored = sitk.ReadImage(str(image_path))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(stored), again.hu)
+    assert image_path.stat().st_size < 1_000_000
