@@ -139,14 +139,14 @@ def format_truth_table(comparison: Mapping) -> str:
     and a line of counts."""
     rows = comparison["rows"]
     name_w = max([len("finding")] + [len(r["name"]) for r in rows])
-    header = f"{'truth':<7}{'called':<8}{'prob':>6}  {'thresh':>6}  {'rank':>4}  {'finding':<{name_w}}"
+    header = f"{'truth':<9}{'called':<8}{'prob':>6}  {'thresh':>6}  {'rank':>4}  {'finding':<{name_w}}"
     out = [header, "-" * len(header)]
     for r in rows:
-        out.append(f"{'present' if r['truth'] else '-':<7}{'yes' if r['called'] else 'no':<8}{r['probability']:6.3f}  "
+        out.append(f"{'present' if r['truth'] else '-':<9}{'yes' if r['called'] else 'no':<8}{r['probability']:6.3f}  "
                    f"{r['threshold']:6.3f}  {r['rank']:>4}  {r['name']:<{name_w}}")
     out.append(f"{comparison['true_called']} of {comparison['n_true']} present findings called; "
                f"{comparison['false_calls']} false call(s) among the {comparison['n_false']} absent ones "
-               "(rank: place among all findings by probability)")
+               "(called: probability >= the finding's threshold; rank: place among all findings by probability)")
     return "\n".join(out)
 
 
