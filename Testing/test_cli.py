@@ -69,8 +69,30 @@ def test_demo_runs_on_the_bundled_sample(capsys):
         assert shape == [demo["preprocessing"]["num_slices"], 3, demo["preprocessing"]["image_size"],
                          demo["preprocessing"]["image_size"]]
         assert len(result["prediction"]["findings"]) == 75
+        # the second part: the bundled phantom, truth next to prediction
+        truth = json.loads((cli.default_demo_model().parent.parent / "Samples" / "phantom_demo_truth.json").read_text())
+        phantom = result["phantom"]
+        assert phantom["truth"] == truth["positive_labels"] and phantom["seed"] == truth["seed"]
+        comparison = phantom["comparison"]
+        assert [r["id"] for r in comparison["rows"] if r["truth"]] and comparison["n_true"] == len(truth["positive_labels"])
+        assert {r["id"] for r in comparison["rows"] if r["truth"]} == set(truth["positive_labels"])
+        assert comparison["n_true"] + comparison["n_false"] == 75
     else:
         assert "train_demo_model.py" in result["note"]
+
+
+def test_truth_comparison_counts_hits_misses_and_false_calls():
+    from HeadCTMoLRELib import terminal
+
+    rows = [{"id": i, "name": i.upper(), "probability": p, "threshold": 0.5, "positive": p >= 0.5}
+            for i, p in (("a", 0.9), ("b", 0.2), ("c", 0.7), ("d", 0.1))]
+    comparison = terminal.truth_comparison(rows, ["a", "b"])
+    assert [(r["id"], r["truth"], r["called"], r["rank"]) for r in comparison["rows"]] == [
+        ("a", True, True, 1), ("b", True, False, 3), ("c", False, True, 2)]
+    assert (comparison["true_called"], comparison["n_true"], comparison["false_calls"], comparison["n_false"]) == (1, 2, 1, 2)
+    text = terminal.format_truth_table(comparison)
+    assert "1 of 2 present findings called; 1 false call(s) among the 2 absent ones" in text
+    assert text.splitlines()[2].startswith("present")
 
 
 def test_demo_with_another_model_prints_the_findings_table(capsys, tmp_path):

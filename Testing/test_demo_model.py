@@ -38,6 +38,20 @@ def test_demo_bundle_is_small_self_contained_and_labelled_synthetic(demo_bundle)
     assert manifest["training"]["demo_pipeline"]["script"] == "scripts/train_demo_model.py"
 
 
+def test_shipped_demo_is_calibrated_on_other_phantoms_and_reports_held_out_figures(demo_bundle):
+    """Issue 17: the shipped calibration (focal prior correction + a temperature, thresholds at 90 %
+    sensitivity) was fitted on calibration phantoms and its metrics measured on OTHER, held-out phantoms."""
+    manifest = demo_bundle.manifest
+    calibration = manifest["calibration"]
+    assert calibration["method"] == "prior_correction+temperature" and calibration["prior_correction"]
+    fitted_on, metrics = calibration["fitted_on"], manifest["metrics"]
+    assert metrics["figures"] == "held-out"
+    assert fitted_on["cases_csv_sha256"] != metrics["evaluation"]["cases_csv_sha256"], "fitted where it is reported"
+    assert metrics["evaluation"]["overlap"]["n_train"] == 0 and metrics["evaluation"]["overlap"]["n_val"] == 0
+    assert metrics["ece"] <= 0.05  # over findings with positives, held-out (docs/demo_model.md)
+    assert set(manifest["thresholds"]) == set(demo_bundle.catalog.ids)
+
+
 def test_models_manifest_offers_the_demo_bundle():
     entries = json.loads((REPO / "Resources" / "Models.json").read_text(encoding="utf-8"))["models"]
     demo = [e for e in entries if e["id"] == "demo"]
@@ -83,8 +97,9 @@ def test_train_backbone_trains_and_bundles_the_backbone_and_resumes_exactly(tmp_
 
 # ------------------------------------------------------------------ the demo training script, at toy size
 def test_demo_training_script_runs_both_stages_and_evaluates(tmp_path):
-    """scripts/train_demo_model.py end to end with tiny numbers (about a minute): stage A on phantom slices,
-    stage B on other phantoms from the stage-A head, the bundle written, fresh phantoms evaluated."""
+    """scripts/train_demo_model.py end to end with tiny numbers (one to three minutes, load-sensitive):
+    stage A on phantom slices, stage B on other phantoms from the stage-A head, the calibration fitted on
+    fresh calibration phantoms and the figures measured on held-out ones, the calibrated copy written."""
     import subprocess
     import sys
 
@@ -92,7 +107,7 @@ def test_demo_training_script_runs_both_stages_and_evaluates(tmp_path):
     completed = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "train_demo_model.py"), "--out", str(out), "--work", str(work),
          "--n-pretrain", "8", "--n-pretrain-val", "4", "--n-train", "40", "--stage-a-steps", "20",
-         "--stage-b-minutes", "0.6", "--evaluate", "10"],
+         "--stage-b-minutes", "1.0", "--evaluate", "10", "--calibrate", "10", "--eval-seed", "77"],
         capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     trained = bundle.load_bundle(out)
@@ -102,7 +117,17 @@ def test_demo_training_script_runs_both_stages_and_evaluates(tmp_path):
                                                "seconds": pipeline["stage_a"]["phantoms"]["seconds"]}
     assert trained.model_config.backbone.size == "demo" and trained.manifest["backbone"]["weights"]["kind"] == "bundled"
     assert (work / "evaluation" / "evaluation.json").is_file() and (out / "model_card.md").is_file()
-    assert "fresh phantoms" in completed.stderr
+    assert "held-out phantoms (seed 77" in completed.stderr
+    assert (work / "trained" / "manifest.json").is_file(), "the uncalibrated bundle stays in the work folder"
+    manifest = bundle.read_manifest(out)
+    fitted_on = manifest["calibration"]["fitted_on"]
+    assert fitted_on["cases_csv"] == "labels.csv" and fitted_on["n_cases"] == 10  # the calibration phantoms
+    assert manifest["calibration"]["prior_correction"] is not None, "the focal prior correction is kept"
+    assert manifest["metrics"]["figures"] == "held-out" and manifest["thresholds"]
+    held_out = json.loads((work / "evaluation" / "evaluation.json").read_text(encoding="utf-8"))
+    assert held_out["fit_cases"]["n_cases"] == 10 and held_out["overlap"]["n_train"] == 0
+    timings = pipeline["timings_s"]
+    assert timings["cpu_s"] > 0 and timings["total_s"] > 0 and "load_average_1min_at_end" in timings
     shipped = json.dumps(bundle.read_manifest(out))
     assert str(tmp_path) not in shipped, "a folder of the making machine is in the manifest"
     assert bundle.read_manifest(out)["training"]["cases_csv"] == "labels.csv"  # recorded by name only (portable)

@@ -277,3 +277,23 @@ def test_fusing_before_merging_is_refused():
     classifier, _ = make_classifier()
     with pytest.raises(ValueError, match="after merging LoRA"):
         fuse_dinov3_attention(classifier)
+
+
+def test_top_slice_is_always_a_slice_inside_the_scan(tiny_bundle, test_data):
+    """Issue 17: slices outside the scan contribute 0, so a finding whose valid slices all pull its logit
+    down had its "top slice" (the Slicer jump, the TSV column) outside the scan."""
+    import dataclasses
+
+    full = ctio.load_ct(test_data / REAL_NIFTI)
+    partial = ctio.CTVolume(image=full.image[:, :, 12:28], provenance={"format": "test"})
+    result = inference.predict(partial, tiny_bundle, device="cpu")
+    valid = result.slice_valid
+    assert not valid[0], "the partial scan leaves the lowest slices of the stack outside it"
+    contributions = np.where(valid[:, None], -1.0 - np.random.default_rng(0).random(result.contributions.shape), 0.0)
+    negative = dataclasses.replace(result, contributions=contributions.astype(np.float32))
+    assert all(valid[negative.top_slice(i)] for i in range(contributions.shape[1]))
+    rows = negative.findings()
+    assert all(valid[row["top_slice"]] for row in rows)
+    best_valid = np.flatnonzero(valid)[np.argmax(contributions[valid, 0])]
+    assert rows[0]["top_slice"] == best_valid
+    np.testing.assert_allclose(rows[0]["top_slice_position_mm"], result.slice_positions_mm[best_valid])

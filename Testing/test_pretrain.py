@@ -143,3 +143,25 @@ def test_a_tiny_model_learns_phantom_findings_it_has_not_seen():
     aucs = metrics.roc_auc(scores, held_out.volume_labels.astype(float))
     print("held-out AUC", dict(zip(chosen, np.round(aucs, 3))), round(float(np.nanmean(aucs)), 3))
     assert np.nanmean(aucs) >= 0.85, dict(zip(chosen, np.round(aucs, 3)))
+
+
+def test_learning_rate_schedule_warms_up_peaks_and_anneals_whatever_cuts_the_run():
+    peak = 5e-4
+    rates = [pretrain.one_cycle_lr(peak, f, 0.05) for f in np.linspace(0, 1, 201)]
+    assert rates[0] == pytest.approx(peak / 25) and max(rates) == pytest.approx(peak)
+    assert int(np.argmax(rates)) == 10  # the peak at the end of the warm-up (5 % of 200)
+    assert np.all(np.diff(rates[10:]) <= 0) and rates[-1] == pytest.approx(peak / 25e4)
+    # a run cut by its time limit: the schedule follows the time, so the last steps still anneal
+    data = pretrain.make_pretrain_set(2, 5, SMALL, grid=8, findings=["atrophy"], prevalence=0.5, workers=0)
+    encoder, vit = _demo_vit()
+    seen = []
+    original = pretrain.one_cycle_lr
+    try:
+        pretrain.one_cycle_lr = lambda p, f, w: seen.append(f) or original(p, f, w)
+        result = pretrain.pretrain_backbone(vit, encoder.normalise, data, data,
+                                            pretrain.PretrainConfig(steps=10**6, batch_slices=4, eval_every=10**6,
+                                                                    max_minutes=0.05))
+    finally:
+        pretrain.one_cycle_lr = original
+    assert result.status == "time_limit" and result.steps_run < 10**6
+    assert seen[-1] > 0.8, "the last step of a time-limited run is near the end of the schedule"

@@ -256,3 +256,23 @@ def test_a_tiny_model_learns_a_visible_finding_on_held_out_cases(tmp_path):
                                   precision="fp32", workers=0)
     auc = train.auc_per_finding(held_out.probabilities, held_out.labels)
     assert auc[0] >= 0.85, auc
+
+
+def test_load_balance_weight_is_zero_by_default_and_when_set_changes_the_router_training(toy, tmp_path):
+    """MoLREConfig.load_balance_weight: 0 (the paper's unsupervised routing) unless asked; a positive weight
+    adds molre.load_balance_loss (balance of the mean expert usage) to the loss, so the router learns
+    differently and the trained bundle records the weight used."""
+    from HeadCTMoLRELib.model.molre import MoLREConfig
+
+    assert MoLREConfig().load_balance_weight == 0.0
+    assert bundle.load_bundle(toy["start"]).manifest["model"]["molre"]["load_balance_weight"] == 0.0
+    plain = train.fit(toy["csv"], toy["start"], tmp_path / "plain", tiny_config(max_epochs=1), cache_dir=toy["cache"])
+    balanced = train.fit(toy["csv"], toy["start"], tmp_path / "balanced",
+                         tiny_config(max_epochs=1, load_balance_weight=2.0), cache_dir=toy["cache"])
+    assert bundle.load_bundle(plain.bundle_path).manifest["model"]["molre"]["load_balance_weight"] == 0.0
+    assert bundle.load_bundle(balanced.bundle_path).manifest["model"]["molre"]["load_balance_weight"] == 2.0
+    a, b = _trainable(plain), _trainable(balanced)
+    router = [k for k in a if "router" in k]
+    assert router and any(not torch.equal(a[k], b[k]) for k in router)
+    # the balance term (>= 1 for any routing) is part of the training loss
+    assert balanced.history[0]["train_loss"] > plain.history[0]["train_loss"] + 1.0

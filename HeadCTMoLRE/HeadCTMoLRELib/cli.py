@@ -94,9 +94,11 @@ def _cmd_demo(args) -> int:
     prediction = inference.predict(source, model, device=args.device, log=log)
     written = outputs.write_prediction(prediction, args.out) if args.out else {}
     summary = _stack_summary(prediction.stack, {k: prediction.timings_s[k] for k in ("read", "preprocess", "forward")})
+    phantom = None if (args.input or args.no_phantom) else _demo_on_phantom(model, args.device, log)
     if args.json:
         _print_json({"validation": report, "preprocessing": summary, "model": str(model),
-                     "prediction": prediction.to_json(), "outputs": {k: str(v) for k, v in written.items()}})
+                     "prediction": prediction.to_json(), "outputs": {k: str(v) for k, v in written.items()},
+                     "phantom": phantom})
         return EXIT_OK
     print(terminal.format_validation(report))
     print(terminal.format_stack_summary(summary))
@@ -109,7 +111,28 @@ def _cmd_demo(args) -> int:
           f"{prediction.timings_s['total']:.1f} s")
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")
+    if phantom is not None:
+        print(f"\nBundled phantom with known findings ({phantom['image']}, synthetic, seed {phantom['seed']}): "
+              "truth next to prediction")
+        print(terminal.format_truth_table(phantom["comparison"]))
     return EXIT_OK
+
+
+def _demo_on_phantom(model: Path, device: str, log) -> dict | None:
+    """The model on the bundled phantom whose findings are known (Resources/Samples/phantom_demo*, made by
+    scripts/make_demo_phantom.py): {"image", "seed", "truth", "comparison" (terminal.truth_comparison),
+    "findings"}; None when the phantom is not bundled."""
+    from .resources import demo_phantom_paths
+    from . import inference, terminal
+
+    image, truth_path = demo_phantom_paths()
+    if not (image.is_file() and truth_path.is_file()):
+        return None
+    truth = json.loads(truth_path.read_text(encoding="utf-8"))
+    prediction = inference.predict(image, model, device=device, log=log)
+    rows = prediction.findings()
+    return {"image": image.name, "seed": truth.get("seed"), "truth": list(truth["positive_labels"]),
+            "comparison": terminal.truth_comparison(rows, truth["positive_labels"]), "findings": rows}
 
 
 def _demo_without_model(args, source: Path, report: dict, model: Path) -> int:
@@ -402,12 +425,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
-    p = add("demo", _cmd_demo, "Run the demo model on the bundled real head CT (or --input / --model).")
+    p = add("demo", _cmd_demo, "Run the demo model on the bundled real head CT and on the bundled phantom with known "
+                              "findings (or --input / --model).")
     p.add_argument("--input", help="another image file or DICOM folder instead of the bundled sample")
     p.add_argument("--model", help="another model bundle instead of the bundled demo model")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps, cpu")
     p.add_argument("--out", help="also write findings TSV/JSON and the attention/expert maps (NRRD) here")
     p.add_argument("--top", type=int, default=10, help="findings to print (default 10)")
+    p.add_argument("--no-phantom", action="store_true",
+                   help="skip the second part: the model on the bundled phantom with known findings, truth next "
+                        "to prediction (only shown for the bundled sample, not with --input)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
     p = add("phantoms", _cmd_phantoms, "Write synthetic head CT phantoms with finding labels.")

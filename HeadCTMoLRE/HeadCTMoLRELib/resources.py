@@ -48,3 +48,9 @@ def resource_path(*parts: str) -> Path:
 def default_sample_path() -> Path:
     """The bundled real head CT that ``headct-molre demo`` and the benchmark run on (Resources/Samples)."""
     return resource_path("Samples", "GE_head_axial_1x1x5mm.nii.gz")
+
+
+def demo_phantom_paths() -> tuple[Path, Path]:
+    """(image, truth JSON) of the bundled synthetic phantom with known findings (Resources/Samples, made by
+    scripts/make_demo_phantom.py) on which ``headct-molre demo`` shows truth next to prediction."""
+    return resource_path("Samples", "phantom_demo.nii.gz"), resource_path("Samples", "phantom_demo_truth.json")

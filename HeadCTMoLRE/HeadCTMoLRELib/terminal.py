@@ -114,6 +114,42 @@ def format_findings_table(findings: Sequence[Mapping], *, limit: int | None = No
     return "\n".join(([banner] if banner else []) + out)
 
 
+def truth_comparison(findings: Sequence[Mapping], truth_ids: Sequence[str]) -> dict:
+    """Prediction against known labels of one case. ``findings``: rows as in :func:`format_findings_table`
+    (id, name, probability, threshold, positive); ``truth_ids``: the ids that are truly present.
+
+    Returns {"rows": one dict per finding that is true or called positive (id, name, truth, probability,
+    threshold, called, rank: 1 = highest probability of all findings), true first; "true_called",
+    "n_true", "false_calls", "n_false": counts}."""
+    truth = set(truth_ids)
+    order = sorted(findings, key=lambda f: f["probability"], reverse=True)
+    rank = {f["id"]: i + 1 for i, f in enumerate(order)}
+    shown = [f for f in order if f["id"] in truth] + [f for f in order if f["id"] not in truth and f.get("positive")]
+    rows = [{"id": f["id"], "name": f["name"], "truth": f["id"] in truth, "probability": float(f["probability"]),
+             "threshold": float(f["threshold"]), "called": bool(f.get("positive")), "rank": rank[f["id"]]}
+            for f in shown]
+    return {"rows": rows, "true_called": sum(r["called"] for r in rows if r["truth"]),
+            "n_true": sum(1 for f in findings if f["id"] in truth),
+            "false_calls": sum(r["called"] for r in rows if not r["truth"]),
+            "n_false": sum(1 for f in findings if f["id"] not in truth)}
+
+
+def format_truth_table(comparison: Mapping) -> str:
+    """The rows of :func:`truth_comparison` as a table (truth, called, probability, threshold, rank, name)
+    and a line of counts."""
+    rows = comparison["rows"]
+    name_w = max([len("finding")] + [len(r["name"]) for r in rows])
+    header = f"{'truth':<9}{'called':<8}{'prob':>6}  {'thresh':>6}  {'rank':>4}  {'finding':<{name_w}}"
+    out = [header, "-" * len(header)]
+    for r in rows:
+        out.append(f"{'present' if r['truth'] else '-':<9}{'yes' if r['called'] else 'no':<8}{r['probability']:6.3f}  "
+                   f"{r['threshold']:6.3f}  {r['rank']:>4}  {r['name']:<{name_w}}")
+    out.append(f"{comparison['true_called']} of {comparison['n_true']} present findings called; "
+               f"{comparison['false_calls']} false call(s) among the {comparison['n_false']} absent ones "
+               "(called: probability >= the finding's threshold; rank: place among all findings by probability)")
+    return "\n".join(out)
+
+
 def format_duration(seconds: float) -> str:
     """"42 s", "3 min 05 s", "2 h 07 min"."""
     seconds = max(0.0, float(seconds))

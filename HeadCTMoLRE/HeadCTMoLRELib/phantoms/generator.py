@@ -27,6 +27,13 @@ from .pathology import HeadWithFindings
 #: Range of the stored CT numbers (HU): air at -1024, the 12-bit top at 3071.
 HU_MIN, HU_MAX = -1024, 3071
 
+#: A finding is labelled only when its mask has a voxel at least this far (mm) above the lower edge of the
+#: scan. The standard slice stacks (40 x 4 mm with template alignment, 20 x 8 mm with centre alignment)
+#: start their first valid slice within about 6 mm of that edge (measured on 60 phantoms: -4.5 to +5.5 mm),
+#: so a finding lying only in the lowest centimetre of the scan would be a positive label with nothing of it
+#: in the model's input. Testing/test_phantom.py checks every positive label against both stacks.
+COVERED_ABOVE_SCAN_BOTTOM_MM = 12.0
+
 
 @dataclass
 class Phantom:
@@ -85,6 +92,19 @@ def _blur_inplane(a: np.ndarray) -> np.ndarray:
 
 
 
+def _findings_without_covered_signal(masks: dict[str, np.ndarray], lowest_covered_slice: int) -> dict[str, str]:
+    """Drawn finding id -> why it is not labelled, for each (z, y, x) mask that is empty (the lesion was
+    smaller than the voxels, or outside the scan) or lies entirely below image row ``lowest_covered_slice``."""
+    dropped = {}
+    for finding_id, mask in masks.items():
+        if not mask.any():
+            dropped[finding_id] = "nothing drawn (smaller than the voxels or outside the scan)"
+        elif not mask[lowest_covered_slice:].any():
+            dropped[finding_id] = (f"only in the lowest {COVERED_ABOVE_SCAN_BOTTOM_MM:g} mm of the scan, "
+                                   "below the standard slice stacks")
+    return dropped
+
+
 # ----------------------------------------------------------------------------------------------------
 # one case
 
@@ -102,7 +122,10 @@ def generate_phantom(findings: Iterable[str] | None, seed: int, *,
     0.3-10 mm; default samples 0.88-0.98 mm in-plane and 4, 4.5 or 5 mm slices. ``size_px`` (in-plane matrix,
     default 256, or larger when the field of view would be under 220 mm). ``noise_sigma_hu`` default 3-6.
     Same ``seed`` and arguments give the same voxels. The result is int16 HU, LPS, axial, covering the
-    skull base (about 55-62 mm below the brain centre) to the vertex. Raises ``ValueError`` for a finding
+    skull base (about 55-62 mm below the brain centre) to the vertex. A drawn finding with no mask voxel in
+    the part of the scan that the standard slice stacks see (:data:`COVERED_ABOVE_SCAN_BOTTOM_MM`) is not
+    labelled (nor are the labels it implies) and has no mask; ``metadata["labels_dropped"]`` says which and
+    why (a tiny lacune or calcification between two slices, say). Raises ``ValueError`` for a finding
     that cannot be drawn or is not in ``catalog`` (default: :func:`~HeadCTMoLRELib.findings.default_catalog`),
     and for a spacing out of range.
     """
@@ -133,9 +156,11 @@ def generate_phantom(findings: Iterable[str] | None, seed: int, *,
     head_centre = (pose["shift_x_mm"], pose["shift_y_mm"], table_z)
     grid = HeadGrid((n_slices, size_px, size_px), spacing, origin, head_centre,
                     head_rotation(pose["yaw_deg"], pose["pitch_deg"], pose["roll_deg"]))
-    head = HeadWithFindings(grid, rng, findings_rng, findings)
+    lowest_covered = max(0, int(math.ceil(COVERED_ABOVE_SCAN_BOTTOM_MM / spacing[2] - 0.5)))
+    head = HeadWithFindings(grid, rng, findings_rng, findings, lowest_covered_slice=lowest_covered)
     head.build_anatomy()
     head.render_findings()
+    dropped = _findings_without_covered_signal(head.masks, lowest_covered)
     sigma_draw = float(noise_rng.uniform(3, 6))  # drawn even when given, so the noise itself is the same
     sigma = float(noise_sigma_hu if noise_sigma_hu is not None else sigma_draw)
     hu = _form_image(head.hu, sigma, noise_rng)
@@ -143,18 +168,21 @@ def generate_phantom(findings: Iterable[str] | None, seed: int, *,
     image = sitk.GetImageFromArray(hu)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
-    positives = set(findings) | head.extra_labels
+    positives = (set(findings) | head.extra_labels) - set(dropped)
+    if "meningioma" in dropped:
+        positives.discard("vasogenic_edema")  # its only source is the meningioma's surrounding oedema
     for f in list(positives):
         positives.update(IMPLIED_LABELS.get(f, ()))
     labels = {fid: int(fid in positives) for fid in catalog.ids}
     metadata = {
         "seed": int(seed), "findings_drawn": list(findings), "positive_labels": sorted(p for p in positives if p in catalog),
+        "labels_dropped": dropped,
         "spacing_mm": list(spacing), "size_zyx": list(hu.shape), "noise_sigma_hu": round(sigma, 2),
         "head_inner_radii_mm": [round(float(r), 1) for r in head.radii], "skull_mm": round(head.skull_mm, 2),
         "pose": {k: round(float(v), 2) for k, v in pose.items()},
         "tissue_hu": {k: round(float(v), 1) for k, v in head.hu_values.items()},
         "finding_params": head.params, "catalog_version": catalog.version,
     }
-    masks = dict(head.masks) if return_masks else None
+    masks = {f: m for f, m in head.masks.items() if f not in dropped} if return_masks else None
     return Phantom(image=image, labels=labels, finding_masks=masks, metadata=metadata)
 

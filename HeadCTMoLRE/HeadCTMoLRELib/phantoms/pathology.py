@@ -31,7 +31,7 @@ class HeadWithFindings(HeadAnatomy):
     """
 
     def __init__(self, grid: HeadGrid, anatomy_rng: np.random.Generator, findings_rng: np.random.Generator,
-                 findings: tuple[str, ...]):
+                 findings: tuple[str, ...], lowest_covered_slice: int = 0):
         # one side per renderable finding (+1 left, -1 right) and one shift size are always drawn, so the
         # stream does not depend on which findings are asked for
         side_draws = findings_rng.choice((-1.0, 1.0), size=len(RENDERABLE_FINDINGS))
@@ -49,6 +49,9 @@ class HeadWithFindings(HeadAnatomy):
         self.masks: dict[str, np.ndarray] = {}
         self.extra_labels: set[str] = set()
         self.impact = None  # unit direction of a head injury, shared by hematoma, fracture and scalp swelling
+        # first image row (z index) that the standard slice stacks are sure to see; findings near the skull
+        # base are placed so that part of them lies at or above it
+        self.lowest_covered_slice = int(lowest_covered_slice)
 
     def _record(self, finding_id: str, box, mask, **params):
         """Add ``mask`` (in ``box``; None for none) to the finding's mask and merge its parameters."""
@@ -420,8 +423,9 @@ class HeadWithFindings(HeadAnatomy):
 
     def _draw_sinusitis(self, fid):
         u = self.rng.uniform
-        names = list(self.sinuses)
-        picked = self.rng.choice(names, size=int(self.rng.integers(1, 3)), replace=False)
+        names = [n for n in self.sinuses if self._has_covered_air(*self.sinuses[n])]
+        count = int(self.rng.integers(1, 3))
+        picked = self.rng.choice(names, size=min(count, len(names)), replace=False) if names else []
         for name in picked:
             centre, radii = self.sinuses[name]
             box, (x, y, dx, z) = self._local(centre, radii)
@@ -431,6 +435,13 @@ class HeadWithFindings(HeadAnatomy):
             mucosa = air & ((rho > 1 - u(3, 6) / min(radii)) | full)
             self._paint(box, mucosa, u(15, 40), SOFT)
             self._record(fid, box, mucosa, sinuses=sorted(set(self.params.get(fid, {}).get("sinuses", []) + [str(name)])))
+
+    def _has_covered_air(self, centre, radii) -> bool:
+        """True when the paranasal sinus (head-frame centre and radii, mm) has air voxels at or above
+        ``lowest_covered_slice`` (the maxillary sinuses often lie below it, at the bottom of the scan)."""
+        box = self.grid.box(centre, radii)
+        air = self.tissue[box] == SINUS_AIR
+        return bool(air[max(0, self.lowest_covered_slice - box[0].start):].any())
 
     def _draw_mastoid_opacification(self, fid):
         sides = (-1, 1) if self.rng.random() < 0.4 else (self.side[fid],)

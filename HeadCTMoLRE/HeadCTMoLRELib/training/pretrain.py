@@ -22,6 +22,7 @@ cell (r, c) of a slice covers rows r*H/G .. (r+1)*H/G and the same for columns.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import multiprocessing
 import os
 import time
@@ -160,7 +161,8 @@ class PretrainConfig:
     or, with ``slice_repeat_threshold`` t, with probability proportional to the slice's repeat factor, see
     :func:`slice_repeat_factors`: Repeat Factor Sampling of slices, so that slices cutting rare findings
     come up more often); AdamW
-    with a one-cycle schedule peaking at ``lr`` after ``warmup_fraction`` of the steps; binary
+    with a one-cycle schedule (:func:`one_cycle_lr`) peaking at ``lr`` after ``warmup_fraction`` of the run
+    (of the steps, or of ``max_minutes`` when the time runs out first, so a slow machine still anneals); binary
     cross-entropy on slice and cell targets with positive weights (1 - p) / p clipped to
     ``pos_weight_cap`` (p: the target's frequency among the slices as sampled); random left-right flips
     (``flip``); validation every ``eval_every`` steps (mean volume AUC, volume score = max over valid
@@ -261,6 +263,17 @@ def volume_scores(hf_model, slice_weight, slice_bias, data: PretrainSet, normali
     return np.stack(scores)
 
 
+def one_cycle_lr(peak: float, fraction: float, warmup_fraction: float) -> float:
+    """Learning rate at ``fraction`` (0..1) of a run: linear warm-up from peak / 25 to ``peak`` over
+    ``warmup_fraction``, then cosine decay to peak / 25e4 (the shape of torch's OneCycleLR). Driven by a
+    fraction rather than a step count so that a run cut by its time limit still anneals."""
+    start, end = peak / 25.0, peak / 25e4
+    if fraction < warmup_fraction:
+        return start + (peak - start) * fraction / warmup_fraction
+    decay = (fraction - warmup_fraction) / max(1e-9, 1.0 - warmup_fraction)
+    return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, decay)))
+
+
 def _positive_weight(frequency, cap: float):
     return ((1 - frequency) / frequency.clamp_min(1e-4)).clamp(1.0, cap)
 
@@ -312,10 +325,15 @@ def pretrain_backbone(hf_model, normalise: Callable, train: PretrainSet, val: Pr
     slice_weight = _positive_weight(slice_frequency, config.pos_weight_cap)
     parameters = list(hf_model.parameters()) + heads.parameters()
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    total_steps = max(4, config.steps)  # OneCycleLR needs at least two warm-up and two decay steps
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                   pct_start=max(config.warmup_fraction, 3.0 / total_steps))
     deadline = None if config.max_minutes is None else started + 60.0 * config.max_minutes
+    training_started = time.perf_counter()  # the time limit's schedule counts training only
+
+    def progress_fraction(done_steps: int) -> float:
+        """Share of the run done: of the steps or, with a time limit, of the time, whichever is further."""
+        fraction = done_steps / max(1, config.steps)
+        if deadline is not None:
+            fraction = max(fraction, (time.perf_counter() - training_started) / max(1e-9, deadline - training_started))
+        return min(1.0, fraction)
     best = {"auc": -1.0, "step": 0, "per": {}, "state": None}
     history, running, status, step = [], [], "completed", 0
 
@@ -341,6 +359,8 @@ def pretrain_backbone(hf_model, normalise: Callable, train: PretrainSet, val: Pr
             status = "cancelled" if cancelled else "time_limit"
             step -= 1
             break
+        for group in optimizer.param_groups:
+            group["lr"] = one_cycle_lr(config.lr, progress_fraction(step - 1), config.warmup_fraction)
         if config.slice_repeat_threshold:
             drawn = torch.multinomial(sampling, config.batch_slices, replacement=True, generator=generator)
         else:
@@ -358,7 +378,6 @@ def pretrain_backbone(hf_model, normalise: Callable, train: PretrainSet, val: Pr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
         running.append(float(loss.detach()))
         if progress and step % 50 == 0:
             progress({"stage": "pretrain", "step": step, "steps": config.steps, "loss": running[-1],
