@@ -190,7 +190,7 @@ def evaluate_predictions(logits, labels, catalog, *, temperature: float = 1.0, o
     if held_out_fit:
         reported_thresholds, reported_probabilities = fitted.threshold, metrics.sigmoid(
             calibration_lib.calibrated_logits(logits, new_offsets, new_temperature))
-        thresholds_source = "fitted on the fit cases"
+        thresholds_source = "the thresholds fitted on the fit cases"
     else:
         reported_thresholds = np.full(len(catalog), 0.5) if thresholds is None else np.asarray(thresholds, np.float64)
         reported_probabilities = probabilities_now

@@ -221,12 +221,8 @@ def _evaluation_details(source: Mapping) -> list[str]:
     if thresholds.get("target_sensitivity") is not None:
         lines.append(f"- Thresholds: chosen per finding for sensitivity >= {thresholds['target_sensitivity']:.2f} on the "
                      f"{thresholds.get('fitted_on', 'evaluated cases')}; 0.5 where a finding had no positive case; "
-                     f"sensitivity, specificity and PPV are reported at {thresholds.get('reported_at', 'these thresholds')}")
-    figures = source.get("figures")
-    if isinstance(figures, Mapping):
-        for kind in ("held_out", "in_sample"):
-            if figures.get(kind):
-                lines.append(f"- {kind.replace('_', '-')}: {figures[kind]}")
+                     f"sensitivity, specificity and PPV are held-out (operating points: "
+                     f"{thresholds.get('reported_at', 'these thresholds')})")
     overlap = source.get("overlap") or {}
     if overlap.get("n_train") or overlap.get("n_val"):
         lines.append(f"- **Overlap**: {overlap.get('n_train', 0)} evaluated case(s) are among the training cases and "
