@@ -33,7 +33,7 @@ LAYERS = {
     "datasets": 5,  # public dataset importers (ct, findings); training copies their sidecar
     "training": 6,
     "evaluation": 7,  # reads cases and predictions through training.cases
-    "slicer": 8, "benchmark": 8,
+    "slicer": 8, "benchmark": 8, "benchmark_runtime": 7.9,  # benchmark uses benchmark_runtime
     "reports": 7.5,  # HTML reports and DICOM SR / maps (never slicer)
     "batch": 9.5,  # headct-molre batch: many cases through inference and reports
     "cli": 10,
