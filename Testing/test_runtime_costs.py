@@ -235,3 +235,56 @@ def test_infer_accepts_threads_and_refuses_a_bad_value(tiny_bundle, test_data, c
     capsys.readouterr()
     assert cli.main(["infer", str(test_data / REAL_NIFTI), "--model", str(tiny_bundle), "--threads", "x"]) == 2
     assert "--threads" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- benchmark
+def test_benchmark_counts_attention_the_counter_misses_on_the_cpu():
+    from bundle_fixtures import make_classifier
+    from HeadCTMoLRELib import benchmark
+
+    classifier, _ = make_classifier(image_size=32)
+    pixels, mask = torch.rand(1, 3, 3, 32, 32), torch.ones(1, 3, dtype=torch.bool)
+    flops = benchmark.count_flops(classifier, pixels, mask, torch.device("cpu"), "fp32")
+    config = classifier.encoder.hf_config
+    tokens = (32 // config.patch_size) ** 2 + 1 + config.num_register_tokens
+    expected = 4 * tokens**2 * config.hidden_size * config.num_hidden_layers * 3
+    assert flops["analytic_attention"] == expected  # torch's counter has no formula for CPU SDPA
+    assert flops["total"] == flops["counted"] + expected
+
+
+def test_benchmark_timings_are_medians_of_at_least_five_runs_with_their_spread():
+    from HeadCTMoLRELib import benchmark
+
+    calls = []
+    timing = benchmark._timed(lambda: calls.append(1), torch.device("cpu"), repeats=2, warmup=1)
+    assert timing["runs"] == 5 and len(calls) == 6
+    assert timing["min"] <= timing["median"] <= timing["max"]
+
+
+def test_stage_memory_is_the_stages_own_not_the_process_high_water():
+    from HeadCTMoLRELib.benchmark_runtime import stage_peak_mib
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    big = np.ones(64 * 2**20 // 8)  # 64 MiB held before the stage: not part of its peak
+    _, small = stage_peak_mib(lambda: np.ones(1024).sum())
+    _, large = stage_peak_mib(lambda: np.ones(96 * 2**20 // 8).sum())
+    assert small is not None and small < 16
+    assert 80 < large < 200
+    del big
+
+
+def test_demo_reads_and_checks_its_input_once(tiny_bundle, test_data, monkeypatch, capsys):
+    from HeadCTMoLRELib import cli
+    from HeadCTMoLRELib.ct import loader
+
+    reads = []
+    real = loader.load_ct
+    monkeypatch.setattr(loader, "load_ct", lambda *a, **k: (reads.append(a[0]), real(*a, **k))[1])
+    assert cli.main(["demo", "--input", str(test_data / REAL_NIFTI), "--model", str(tiny_bundle),
+                     "--device", "cpu", "--json"]) == 0
+    assert len(reads) == 1
+    import json
+
+    timings = json.loads(capsys.readouterr().out)["preprocessing"]["timings_s"]
+    assert timings["read"] > 0 and {"imports", "model", "preprocess", "forward"} <= set(timings)
