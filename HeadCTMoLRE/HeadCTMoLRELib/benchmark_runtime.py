@@ -13,7 +13,9 @@ Three measurements, each printed with its median and spread (min-max) over at le
 2. Preprocessing peak memory for a large input (default 512 x 512 x 600 voxels, the sample resampled
    to that grid): resident-set high-water of `load_ct` + `preprocess` above the process after its imports.
 3. Model load after imports: `load_bundle` + `build_model` + `optimize_for_inference` (what `infer` does the
-   first time) against ``from_pretrained`` of the same weights, with the peak memory of each stage.
+   first time) against ``from_pretrained`` of the same weights, each in a fresh process and with every
+   weight read once (``from_pretrained`` maps the file and reads it only when touched), with the peak
+   memory of each stage.
 
 Memory is the stage's own: the kernel's resident high-water mark (VmHWM) is reset by writing "5" to
 /proc/self/clear_refs before the stage and read after it (Linux; elsewhere the figures are left out).
@@ -201,49 +203,57 @@ def preprocessing_peak(large_input: Path, repeats: int) -> dict:
     return {"peak_above_imports_mib": spread(peaks), "process_wall_s": spread(seconds), "stack_shape": shape}
 
 
+_LOAD_PROBE = r"""
+import gc, json, sys, time
+import torch
+from HeadCTMoLRELib import inference
+from HeadCTMoLRELib.benchmark_runtime import stage_peak_mib
+from HeadCTMoLRELib.model import backbones, bundle
+inference.import_runtime("dinov3")
+import safetensors.torch
+kind, bundle_dir, backbone_dir = sys.argv[1:4]
+_, model_class = backbones.FAMILIES["dinov3"].classes()
+
+def touch(model):  # read every weight once (page in lazily mapped files): what a forward does first
+    with torch.no_grad():
+        return float(sum(float(p.double().sum()) for p in model.parameters()))
+
+def product():  # what `infer` does the first time: inference.cached_model
+    inference.clear_model_cache()
+    classifier = inference.cached_model(bundle.load_bundle(bundle_dir), torch.device("cpu"), "fp32")
+    touch(classifier)
+    return classifier
+
+def reference():
+    model = model_class.from_pretrained(backbone_dir).eval()
+    touch(model)
+    return model
+
+if kind == "product_verification_cached":
+    bundle.load_bundle(bundle_dir)  # verified before the stage, as a second case in the same process
+fn = reference if kind == "from_pretrained" else product
+gc.collect()
+cpu0, start = time.process_time(), time.perf_counter()
+model, peak = stage_peak_mib(fn)
+print(json.dumps({"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu0, "peak_mib": peak}))
+"""
+
+
 def model_load(bundle_dir: Path, backbone_dir: Path, repeats: int, log) -> dict:
-    """Product load (verification cached, and with the first verification) vs from_pretrained, after imports."""
-    import gc
-
-    from . import inference
-    from .model import backbones, bundle, verification_cache
-
-    inference.import_runtime("dinov3")
-    _, model_class = backbones.FAMILIES["dinov3"].classes()
-
-    def product(verified: bool):
-        def load():
-            if not verified:
-                verification_cache.clear()
-            loaded = bundle.load_bundle(bundle_dir)
-            classifier = bundle.build_model(loaded)
-            inference.optimize_for_inference(classifier, __import__("torch").device("cpu"), "fp32")
-            return classifier
-        return load
-
-    def reference():
-        return model_class.from_pretrained(str(backbone_dir)).eval()
-
-    stages = {"product_verification_cached": product(True), "product_with_verification": product(False),
-              "from_pretrained": reference}
-    for fn in stages.values():  # warm-up: file cache
-        fn()
-        gc.collect()
-    times: dict[str, list[float]] = {name: [] for name in stages}
-    peaks: dict[str, list[float]] = {name: [] for name in stages}
+    """Product load vs from_pretrained, each in a fresh process after its imports, every weight touched once
+    (from_pretrained maps the file lazily; the product reads it while checking it): wall and CPU seconds of
+    the stage and its peak memory. Product: load_bundle + build_model + optimize_for_inference, with the
+    first verification (hashing every file) or with it cached (a later case in the same process)."""
+    kinds = ("product_verification_cached", "product_with_verification", "from_pretrained")
+    runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
     for index in range(repeats):
-        for name, fn in stages.items():
-            log(f"  load {index + 1}/{repeats}: {name}")
-            gc.collect()
-            start = time.perf_counter()
-            model, peak = stage_peak_mib(fn)
-            times[name].append(time.perf_counter() - start)
-            if peak is not None:
-                peaks[name].append(peak)
-            del model
-            gc.collect()
-    result = {name: {"seconds": spread(times[name]), **({"peak_mib": spread(peaks[name])} if peaks[name] else {})}
-              for name in stages}
+        for kind in kinds:
+            log(f"  load {index + 1}/{repeats}: {kind}")
+            completed = subprocess.run([sys.executable, "-c", _LOAD_PROBE, kind, str(bundle_dir), str(backbone_dir)],
+                                       capture_output=True, text=True, check=True)
+            runs[kind].append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    result = {kind: {key: spread([r[key] for r in items]) for key in ("seconds", "cpu_s", "peak_mib")
+                     if all(r[key] is not None for r in items)} for kind, items in runs.items()}
     reference_s = result["from_pretrained"]["seconds"]["median"]
     result["cached_over_from_pretrained"] = result["product_verification_cached"]["seconds"]["median"] / reference_s
     result["verified_over_from_pretrained"] = result["product_with_verification"]["seconds"]["median"] / reference_s
@@ -290,7 +300,7 @@ def format_runtime_report(report: dict) -> str:
     for name in ("product_verification_cached", "product_with_verification", "from_pretrained"):
         entry = load[name]
         memory = f"; stage peak {_fmt(entry['peak_mib'], unit='MiB', digits=0)}" if "peak_mib" in entry else ""
-        lines.append(f"  {name}: {_fmt(entry['seconds'])}{memory}")
+        lines.append(f"  {name}: {_fmt(entry['seconds'])}; cpu {entry['cpu_s']['median']:.2f} s{memory}")
     lines.append(f"  product / from_pretrained: {load['cached_over_from_pretrained']:.2f}x (verification cached), "
                  f"{load['verified_over_from_pretrained']:.2f}x (with the first verification)   target <= 1.5x")
     pre = report["preprocessing"]

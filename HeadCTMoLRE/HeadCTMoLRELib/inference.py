@@ -151,8 +151,13 @@ def cached_model(bundle: Bundle, device, precision: str = "fp32", *, backbone_fo
     if key in _MODEL_CACHE:
         _MODEL_CACHE.move_to_end(key)
         return _MODEL_CACHE[key]
-    classifier = build_model(bundle, backbone_folder=backbone_folder)
-    optimize_for_inference(classifier, device, precision)
+    from .threads import threads_for_work, torch_threads
+
+    # building is memory-bound and its GEMMs tiny (LoRA B @ A): one thread; several only spin (10x slower
+    # LoRA merge measured on a busy 2-core machine)
+    with torch_threads(threads_for_work(0.0)):
+        classifier = build_model(bundle, backbone_folder=backbone_folder)
+        optimize_for_inference(classifier, device, precision)
     _MODEL_CACHE[key] = classifier
     while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
         _MODEL_CACHE.popitem(last=False)

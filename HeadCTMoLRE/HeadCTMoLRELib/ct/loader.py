@@ -253,7 +253,11 @@ def _read_nifti(path: Path, hu_offset: float | None) -> tuple[sitk.Image, list[s
     warnings += ct_checks.check_grid(str(path), header.sizes, list(spacing) + [1.0] * (len(header.sizes) - 3),
                                      direction)
     stored = nifti.read_payload(header)
-    image = nifti.to_image(header, stored, affine)
+    # an orthogonal grid without offset needs no arithmetic here: integer voxels stay integers until the
+    # value checks convert them (one float32 copy at a time, see ct_checks.checked_values)
+    square = direction.reshape(3, 3)
+    orthogonal = bool(np.allclose(square @ square.T, np.eye(3), atol=1e-9, rtol=0))
+    image = nifti.to_image(header, stored, affine, keep_integers=orthogonal and not hu_offset)
     del stored
     image, sheared = orthogonal_image(image, path.name)
     if hu_offset:

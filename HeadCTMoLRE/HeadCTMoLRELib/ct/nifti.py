@@ -278,14 +278,23 @@ def read_payload(header: NiftiHeader) -> np.ndarray:
     return values.reshape(tuple(reversed(header.sizes)))
 
 
-def to_image(header: NiftiHeader, stored: np.ndarray, affine: np.ndarray) -> sitk.Image:
+def to_image(header: NiftiHeader, stored: np.ndarray, affine: np.ndarray, *,
+             keep_integers: bool = False) -> sitk.Image:
     """A 3-D float32 SimpleITK image (LPS) of the first volume: values scaled by scl_slope/scl_inter
-    (slope 0: unscaled), geometry from ``affine`` (voxel -> RAS mm; a sheared affine keeps its shear)."""
+    (slope 0: unscaled), geometry from ``affine`` (voxel -> RAS mm; a sheared affine keeps its shear).
+    ``keep_integers``: unscaled integer voxels stay in their stored type (half the memory of float32 for
+    int16); the caller converts them (ct.checks.checked_values does)."""
     volume = stored.reshape(stored.shape[-3:]) if stored.ndim > 3 else stored
-    values = volume.astype(np.float32)
-    if header.scl_slope != 0 and (header.scl_slope != 1 or header.scl_inter != 0):
-        values = values * np.float32(header.scl_slope) + np.float32(header.scl_inter)
+    scaled = header.scl_slope != 0 and (header.scl_slope != 1 or header.scl_inter != 0)
+    if keep_integers and not scaled and volume.dtype.kind in "iu" and volume.dtype.itemsize <= 2:
+        values = volume
+    else:
+        values = volume.astype(np.float32)
+        if scaled:
+            values *= np.float32(header.scl_slope)
+            values += np.float32(header.scl_inter)
     image = sitk.GetImageFromArray(values)
+    del values
     linear = RAS_TO_LPS @ affine[:3, :3]
     spacing = np.linalg.norm(linear, axis=0)
     image.SetSpacing(tuple(float(s) for s in spacing))
