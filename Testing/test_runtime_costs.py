@@ -74,11 +74,13 @@ def test_the_program_exits_without_teardown_and_keeps_its_output_and_status(test
     assert "TEARDOWN" not in completed.stdout
 
 
-def test_the_program_keeps_the_normal_exit_while_other_threads_run():
+def test_the_program_keeps_the_normal_exit_while_other_threads_run(monkeypatch):
     from HeadCTMoLRELib import cli
     import threading
 
-    assert cli.fast_exit_is_safe()
+    with monkeypatch.context() as patched:  # as in a fresh program: this thread only
+        patched.setattr(threading, "active_count", lambda: 1)
+        assert cli.fast_exit_is_safe()
     stop = threading.Event()
     worker = threading.Thread(target=stop.wait)
     worker.start()
@@ -288,3 +290,21 @@ def test_demo_reads_and_checks_its_input_once(tiny_bundle, test_data, monkeypatc
 
     timings = json.loads(capsys.readouterr().out)["preprocessing"]["timings_s"]
     assert timings["read"] > 0 and {"imports", "model", "preprocess", "forward"} <= set(timings)
+
+
+# -------------------------------------------------------------------------------------- CT memory
+def test_value_checks_keep_a_clean_float_image_and_cast_integers_once():
+    import SimpleITK as sitk
+
+    from HeadCTMoLRELib.ct import checks
+
+    rng = np.random.default_rng(0)
+    hu = np.where(rng.random((8, 16, 16)) < 0.5, -1000, 40).astype(np.int16)
+    hu[0, 0, :4] = -3024  # outside-field-of-view padding
+    clean = sitk.GetImageFromArray(np.maximum(hu, -1024).astype(np.float32))
+    same, warnings, notes = checks.checked_values("clean", clean, None)
+    assert same is clean and not warnings and not notes  # nothing to repair: no copy at all
+    stored = sitk.GetImageFromArray(hu)
+    image, _, notes = checks.checked_values("int16", stored, None)
+    assert image.GetPixelID() == sitk.sitkFloat32 and "4 voxels below" in notes[0]
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), np.maximum(hu, -1024).astype(np.float32))

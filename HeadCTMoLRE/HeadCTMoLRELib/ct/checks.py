@@ -227,10 +227,10 @@ def checked_values(name: str, image, hu_offset: float | None):
     check_hu_plausible(name, view, hu_offset)
     clamped = _count_slabs(view, lambda slab: slab < AIR_HU)
     del view
-    if clamped:
-        image = sitk.Maximum(image, AIR_HU)  # in the stored type (-1024 fits every signed CT type)
+    if clamped:  # clamp and convert in one pass: one new float32 image
+        image = sitk.Clamp(image, sitk.sitkFloat32, AIR_HU, float(np.finfo(np.float32).max))
         notes.append(f"{clamped} voxels below {AIR_HU:g} HU (outside-field-of-view padding) set to air")
-    if image.GetPixelID() != sitk.sitkFloat32:
+    elif image.GetPixelID() != sitk.sitkFloat32:
         image = sitk.Cast(image, sitk.sitkFloat32)
     return image, warnings, notes
 

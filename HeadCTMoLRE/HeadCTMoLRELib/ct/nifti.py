@@ -249,6 +249,9 @@ def geometry(header: NiftiHeader) -> tuple[np.ndarray, list[str]]:
     return scaled, warnings
 
 
+PAYLOAD_CHUNK_BYTES = 16 << 20
+
+
 def read_payload(header: NiftiHeader) -> np.ndarray:
     """The stored voxels as a numpy array (..., z, y, x) in the file's type, read from the file itself.
     Refuses truncated files and absurd sizes before allocating."""
@@ -268,12 +271,21 @@ def read_payload(header: NiftiHeader) -> np.ndarray:
                     remaining -= len(skipped)
             else:
                 handle.seek(header.vox_offset)
-            data = handle.read(expected)
+            # filled in place, 16 MiB at a time: gzip's own read/readinto of the whole payload would hold a
+            # second full-size buffer while inflating
+            data, filled = bytearray(expected), 0
+            while filled < expected:
+                chunk = handle.read(min(PAYLOAD_CHUNK_BYTES, expected - filled))
+                if not chunk:
+                    break
+                data[filled:filled + len(chunk)] = chunk
+                filled += len(chunk)
+                del chunk
     except (OSError, EOFError, zlib.error) as error:
         raise CTInputError(f"{path}: file is truncated or corrupt ({error}); re-export or copy it again.") from error
-    if len(data) < expected:
+    if filled < expected:
         raise CTInputError(f"{path}: file is truncated or corrupt: data shorter than header dims "
-                           f"({len(data)} of {expected} bytes); re-export or copy it again.")
+                           f"({filled} of {expected} bytes); re-export or copy it again.")
     values = np.frombuffer(data, dtype=np.dtype(header.endian + header.dtype))
     return values.reshape(tuple(reversed(header.sizes)))
 
