@@ -573,8 +573,8 @@ def build_cache(sources: Iterable[str | os.PathLike | Case], preprocessing, *, c
 
 
 def _cached_outcome(source: str, args: tuple):
-    """`_cache_one`'s outcome when ``source`` has a usable cache entry, else None (also for an input that
-    cannot even be hashed: the worker then reports it)."""
+    """`_cache_one`'s outcome when ``source`` has a usable cache entry or cannot even be read for hashing
+    (its failure, with the message a worker would give), else None: it needs preprocessing."""
     try:
         return _cache_one(source, *args, cached_only=True)
     except Exception:  # noqa: BLE001 - the full path reports every problem with its message
