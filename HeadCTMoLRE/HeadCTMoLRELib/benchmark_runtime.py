@@ -86,8 +86,21 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def _return_freed_memory() -> None:
+    """Give memory freed earlier back to the system (glibc ``malloc_trim``), so that a stage that reuses it
+    still shows as resident growth; a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def stage_peak_mib(fn: Callable[[], object]) -> tuple[object, float | None]:
-    """Run ``fn``; returns (its result, resident high-water during it minus resident before it, MiB)."""
+    """Run ``fn``; returns (its result, resident high-water during it minus resident before it, MiB).
+    Freed memory is returned to the system first, so that memory ``fn`` reuses from earlier work counts."""
+    _return_freed_memory()
     before = _status_kib("VmRSS")
     ok = _reset_high_water()
     result = fn()
