@@ -25,6 +25,7 @@ LAYERS = {
     "exports": 0,  # the lazy re-export helper of the packages' __init__ files
     "__init__": 1, "resources": 1, "settings": 1,  # version, Resources/ lookup, settings checks
     "atomic_files": 1,  # crash-safe writes (standard library only)
+    "threads": 1,  # CPU thread policy (standard library; torch only when applied)
     "findings": 2, "metrics": 2, "calibration": 2, "terminal": 2,  # the catalog, numbers, text tables
     "ct": 3, "phantoms": 3,  # CT in (real or synthetic); neither knows the other
     "model": 4,
@@ -32,7 +33,7 @@ LAYERS = {
     "datasets": 5,  # public dataset importers (ct, findings); training copies their sidecar
     "training": 6,
     "evaluation": 7,  # reads cases and predictions through training.cases
-    "slicer": 8, "benchmark": 8,
+    "slicer": 8, "benchmark": 8, "benchmark_runtime": 7.9,  # benchmark uses benchmark_runtime
     "reports": 7.5,  # HTML reports and DICOM SR / maps (never slicer)
     "batch": 9.5,  # headct-molre batch: many cases through inference and reports
     "cli": 10,

@@ -295,7 +295,7 @@ def run_case(case: BatchCase, out_dir: Path, bundle, options) -> dict:
     start = time.perf_counter()
     prediction = inference.predict(case.source, bundle, options.device, precision=options.precision,
                                    series=case.series, hu_offset=case.hu_offset,
-                                   backbone_folder=options.backbone_path)
+                                   backbone_folder=options.backbone_path, threads=getattr(options, "threads", None))
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused input leaves no empty folder
     public = _public_prediction(prediction, case, options.keep_paths)
     written = outputs.write_prediction(public, out_dir, keep_paths=options.keep_paths)
@@ -383,6 +383,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps, cpu")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--backbone-path", help="where the bundle's external backbone folder is on this machine")
+    parser.add_argument("--threads", default=None,
+                        help="CPU threads for the model and preprocessing (default: $HEADCT_THREADS, else by work size)")
     parser.add_argument("--snapshots", type=int, default=3,
                         help="annotated PNG snapshots per case, at the top slices of the most probable findings")
     parser.add_argument("--no-scene", action="store_true", help="do not write scene.mrb (faster, smaller)")

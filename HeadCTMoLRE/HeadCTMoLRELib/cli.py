@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,7 +78,9 @@ def _cmd_demo(args) -> int:
 
     source = Path(args.input) if args.input else default_sample_path()
     model = Path(args.model) if args.model else default_demo_model()
-    report = ctio.validation_report(source)
+    t0 = time.perf_counter()
+    volume, report = ctio.load_with_report(source)  # read and checked once; predict reuses the volume
+    read_s = time.perf_counter() - t0
     report.setdefault("source", str(source))
     if not report["accepted"]:
         if args.json:
@@ -86,15 +89,16 @@ def _cmd_demo(args) -> int:
             print(terminal.format_validation(report))
         return EXIT_REFUSED
     if not (model / "manifest.json").is_file():
-        return _demo_without_model(args, source, report, model)
+        return _demo_without_model(args, volume, report, model)
 
     from . import inference, outputs
 
     log = None if args.json else (lambda message: print(f"[headct-molre] {message}", file=sys.stderr))
-    prediction = inference.predict(source, model, device=args.device, log=log)
+    prediction = inference.predict(volume, model, device=args.device, threads=args.threads, log=log)
     written = outputs.write_prediction(prediction, args.out) if args.out else {}
-    summary = _stack_summary(prediction.stack, {k: prediction.timings_s[k] for k in ("read", "preprocess", "forward")})
-    phantom = None if (args.input or args.no_phantom) else _demo_on_phantom(model, args.device, log)
+    timings = {k: prediction.timings_s[k] for k in ("imports", "model", "preprocess", "forward")}
+    summary = _stack_summary(prediction.stack, {**timings, "read": read_s})
+    phantom = None if (args.input or args.no_phantom) else _demo_on_phantom(model, args.device, args.threads, log)
     if args.json:
         _print_json({"validation": report, "preprocessing": summary, "model": str(model),
                      "prediction": prediction.to_json(), "outputs": {k: str(v) for k, v in written.items()},
@@ -108,7 +112,7 @@ def _cmd_demo(args) -> int:
     if prediction.status_label:
         print(prediction.status_label)
     print(f"device {prediction.provenance['device']} ({prediction.provenance['precision']}), total "
-          f"{prediction.timings_s['total']:.1f} s")
+          f"{prediction.timings_s['total'] + read_s:.1f} s")
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")
     if phantom is not None:
@@ -118,7 +122,7 @@ def _cmd_demo(args) -> int:
     return EXIT_OK
 
 
-def _demo_on_phantom(model: Path, device: str, log) -> dict | None:
+def _demo_on_phantom(model: Path, device: str, threads, log) -> dict | None:
     """The model on the bundled phantom whose findings are known (Resources/Samples/phantom_demo*, made by
     scripts/make_demo_phantom.py): {"image", "seed", "truth", "comparison" (terminal.truth_comparison),
     "findings"}; None when the phantom is not bundled."""
@@ -129,22 +133,20 @@ def _demo_on_phantom(model: Path, device: str, log) -> dict | None:
     if not (image.is_file() and truth_path.is_file()):
         return None
     truth = json.loads(truth_path.read_text(encoding="utf-8"))
-    prediction = inference.predict(image, model, device=device, log=log)
+    prediction = inference.predict(image, model, device=device, threads=threads, log=log)
     rows = prediction.findings()
     return {"image": image.name, "seed": truth.get("seed"), "truth": list(truth["positive_labels"]),
             "comparison": terminal.truth_comparison(rows, truth["positive_labels"]), "findings": rows}
 
 
-def _demo_without_model(args, source: Path, report: dict, model: Path) -> int:
+def _demo_without_model(args, volume, report: dict, model: Path) -> int:
     """No model bundle: show what the input path does and say how to get a model."""
-    from .ct import loader as ctio, preprocess
+    from .ct import preprocess
     from . import terminal
 
-    t0 = time.perf_counter()
-    volume = ctio.load_ct(source)
     t1 = time.perf_counter()
     stack = preprocess.preprocess(volume)
-    summary = _stack_summary(stack, {"load": t1 - t0, "preprocess": time.perf_counter() - t1})
+    summary = _stack_summary(stack, {"preprocess": time.perf_counter() - t1})
     missing = (f"no model bundle at {model}: train the demo model with `python scripts/train_demo_model.py` "
                f"or pass --model BUNDLE")
     if args.json:
@@ -194,7 +196,7 @@ def _verify_bundle(path, backbone_path, trusted_keys):
     """Everything a load checks, plus the external backbone folder's hashes."""
     from .model import bundle
 
-    loaded = bundle.load_bundle(path, verify=True, trusted_keys=trusted_keys)
+    loaded = bundle.load_bundle(path, verify=True, trusted_keys=trusted_keys, rehash=True)  # really re-read
     loaded.backbone_folder = bundle.resolve_backbone_folder(loaded, backbone_path)
     return loaded
 
@@ -302,7 +304,7 @@ def _cmd_infer(args) -> int:
     log = None if args.json else (lambda message: print(f"[headct-molre] {message}", file=sys.stderr))
     prediction = inference.predict(
         args.input, args.model, device=args.device, precision=args.precision, series=args.series,
-        hu_offset=args.hu_offset, backbone_folder=args.backbone_path, log=log,
+        hu_offset=args.hu_offset, backbone_folder=args.backbone_path, threads=args.threads, log=log,
     )
     written = outputs.write_prediction(prediction, args.out) if args.out else {}
     if args.json:
@@ -392,6 +394,13 @@ def _cmd_benchmark(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: CPU threads for torch (threads.py; default $HEADCT_THREADS, else by work size)."""
+    parser.add_argument("--threads", default=None,
+                        help="CPU threads for the model and preprocessing (default: $HEADCT_THREADS, else chosen "
+                             "by work size: 1 for small models, every core for large ones)")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with ``command``, the heavy subcommands' arguments (which import torch) are
     added only for that command, so `headct-molre validate` never pays for importing torch."""
@@ -431,6 +440,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", help="another model bundle instead of the bundled demo model")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps, cpu")
     p.add_argument("--out", help="also write findings TSV/JSON and the attention/expert maps (NRRD) here")
+    add_threads_argument(p)
     p.add_argument("--top", type=int, default=10, help="findings to print (default 10)")
     p.add_argument("--no-phantom", action="store_true",
                    help="skip the second part: the model on the bundled phantom with known findings, truth next "
@@ -503,6 +513,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
     p.add_argument("--hu-offset", type=float, default=None, help="add to every value (e.g. -1024 for raw CT numbers)")
     p.add_argument("--backbone-path", help="where the bundle's external backbone folder is on this machine")
+    add_threads_argument(p)
     p.add_argument("--top", type=int, default=15, help="rows to print (default 15)")
     p.add_argument("--all", action="store_true", help="print all findings")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
@@ -567,5 +578,34 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def fast_exit_is_safe() -> bool:
+    """True when ending the process without interpreter teardown loses nothing: this thread is the only
+    one and no child process is alive (our outputs are written and closed by then; atomic writes fsync)."""
+    import threading
+
+    if threading.active_count() > 1:
+        return False
+    multiprocessing = sys.modules.get("multiprocessing")
+    return not (multiprocessing and multiprocessing.active_children())
+
+
+def run() -> None:
+    """The `headct-molre` program: ``main()``, then exit. Once torch or transformers are loaded, the
+    interpreter's teardown (module and extension finalisers) takes about a second while nothing is left to
+    do, so the process flushes its output and ends at once when that is safe (fast_exit_is_safe)."""
+    code = main()  # an unexpected exception propagates with its traceback and the normal teardown
+    if "torch" in sys.modules and fast_exit_is_safe():
+        import logging
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can be said
+                pass
+        os._exit(code if isinstance(code, int) else EXIT_FAILED)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

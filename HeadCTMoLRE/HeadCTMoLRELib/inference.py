@@ -151,8 +151,13 @@ def cached_model(bundle: Bundle, device, precision: str = "fp32", *, backbone_fo
     if key in _MODEL_CACHE:
         _MODEL_CACHE.move_to_end(key)
         return _MODEL_CACHE[key]
-    classifier = build_model(bundle, backbone_folder=backbone_folder)
-    optimize_for_inference(classifier, device, precision)
+    from .threads import threads_for_work, torch_threads
+
+    # building is memory-bound and its GEMMs tiny (LoRA B @ A): one thread; several only spin (10x slower
+    # LoRA merge measured on a busy 2-core machine)
+    with torch_threads(threads_for_work(0.0)):
+        classifier = build_model(bundle, backbone_folder=backbone_folder)
+        optimize_for_inference(classifier, device, precision)
     _MODEL_CACHE[key] = classifier
     while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
         _MODEL_CACHE.popitem(last=False)
@@ -381,6 +386,56 @@ def run_model(classifier, stack, device, precision: str, *, chunk_size=None, log
     return result, device, precision, notes
 
 
+#: Rough arithmetic per input voxel of read-out + filtering + resampling (for the thread policy only).
+PREPROCESS_FLOPS_PER_VOXEL = 20.0
+
+
+def import_runtime(family: str | None = None) -> float:
+    """Import what a forward needs (torch, our model code, and with ``family`` that backbone family's
+    classes); returns the seconds it took (about 0 once imported). Lets `predict` report start-up apart
+    from building the model."""
+    import sys
+
+    start = time.perf_counter()
+    import torch  # noqa: F401
+
+    from .model import backbones, classifier  # noqa: F401
+
+    if family is not None and family in backbones.FAMILIES:
+        backbones.FAMILIES[family].classes()
+        if "peft" not in sys.modules:
+            import peft  # noqa: F401
+    return time.perf_counter() - start
+
+
+def _voxel_count(volume) -> int:
+    image = getattr(volume, "image", None)
+    if image is not None and hasattr(image, "GetNumberOfPixels"):
+        return int(image.GetNumberOfPixels())
+    return int(np.prod(getattr(volume, "shape", (0,))))
+
+
+def forward_flops_per_slice(classifier) -> float:
+    """Approximate FLOPs of one slice through the backbone: 2 x parameters x tokens (a ViT's GEMMs)."""
+    encoder = getattr(classifier, "encoder", None)
+    config = getattr(encoder, "hf_config", None)
+    parameters = sum(p.numel() for p in classifier.parameters())
+    size, patch = getattr(config, "image_size", 224), getattr(config, "patch_size", 16)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    tokens = (int(size) // max(int(patch), 1)) ** 2 + 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+    return 2.0 * parameters * tokens
+
+
+def _cpu_threads(device, flops_per_call: float, threads):
+    """torch threads for CPU work of this size (threads.py); nothing changes on accelerators."""
+    from .threads import threads_for_work, torch_threads
+
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    return torch_threads(threads_for_work(flops_per_call, threads))
+
+
 def predict(
     source,
     bundle,
@@ -391,6 +446,7 @@ def predict(
     hu_offset: float | None = None,
     chunk_size: int | None = None,
     backbone_folder: str | os.PathLike | None = None,
+    threads: int | str | None = None,
     log=None,
 ) -> Prediction:
     """Run a bundle on one head CT.
@@ -398,7 +454,10 @@ def predict(
     ``source``: image file / DICOM folder / list of DICOM files (see ctio.load_ct), or an already
     loaded ctio.CTVolume. ``bundle``: a bundle folder or a loaded bundle.Bundle. ``device``: auto, cuda,
     cuda:N, mps, cpu. ``precision``: auto, fp32, bf16, fp16. ``chunk_size``: slices per backbone call
-    (None: all at once on GPU, 8 on CPU). ``log``: optional callable(str) for progress messages.
+    (None: all at once on GPU, 8 on CPU). ``threads``: CPU threads for torch (None: $HEADCT_THREADS, else
+    chosen by work size, see threads.py). ``log``: optional callable(str) for progress messages.
+    ``timings_s``: imports (torch, transformers... the first time in a process, else 0), model (build, or
+    the cache), read, preprocess, forward, total (everything, imports included).
     Raises ctio.CTInputError for refused input, bundle.BundleError for an unusable bundle,
     DeviceError for an unusable device.
     """
@@ -408,11 +467,15 @@ def predict(
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    the_bundle = _as_bundle(bundle)
+    timings["imports"] = import_runtime()
+    t0 = time.perf_counter()
+    the_bundle = _as_bundle(bundle)  # manifest checks; file hashes once per change of the bundle's files
+    family_imports = import_runtime(the_bundle.model_config.backbone.family)
+    timings["imports"] += family_imports
     torch_device = select_device(device)
     chosen_precision = select_precision(torch_device, precision)
     classifier = cached_model(the_bundle, torch_device, chosen_precision, backbone_folder=backbone_folder)
-    timings["model"] = time.perf_counter() - start
+    timings["model"] = time.perf_counter() - t0 - family_imports  # verify + build (or the cache)
 
     t0 = time.perf_counter()
     volume = source if isinstance(source, ctio.CTVolume) else ctio.load_ct(source, series=series, hu_offset=hu_offset)
@@ -420,14 +483,17 @@ def predict(
     if log:
         log("preprocessing")
     t0 = time.perf_counter()
-    stack = preprocess(volume, the_bundle.preprocessing, device=torch_device)
+    with _cpu_threads(torch_device, PREPROCESS_FLOPS_PER_VOXEL * _voxel_count(volume), threads):
+        stack = preprocess(volume, the_bundle.preprocessing, device=torch_device)
     timings["preprocess"] = time.perf_counter() - t0
     if log:
         log(f"running the model on {torch_device} ({chosen_precision})")
     t0 = time.perf_counter()
-    result, used_device, used_precision, notes = run_model(
-        classifier, stack, torch_device, chosen_precision, chunk_size=chunk_size, log=log
-    )
+    slices_per_call = chunk_size or (_CPU_DEFAULT_CHUNK if torch_device.type == "cpu" else len(stack.slice_valid))
+    with _cpu_threads(torch_device, forward_flops_per_slice(classifier) * slices_per_call, threads):
+        result, used_device, used_precision, notes = run_model(
+            classifier, stack, torch_device, chosen_precision, chunk_size=chunk_size, log=log
+        )
     timings["forward"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 

@@ -209,18 +209,32 @@ def checked_values(name: str, image, hu_offset: float | None):
     image: 3-D SimpleITK image in HU (after rescale and any ``hu_offset``). NaN/inf voxels become air
     with a warning (``replace_non_finite``), values must look like HU (``check_hu_plausible``), padding
     below -1024 HU becomes air (a note). Returns (float32 image with the same geometry, warnings, notes).
+
+    Memory: the checks read the image in place (no copy); a volume that needs no repair costs at most one
+    float32 conversion (SimpleITK Cast) and the air clamp one more image, never a numpy copy besides.
     """
-    hu = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    view = sitk.GetArrayViewFromImage(image)  # read-only, no copy
     warnings, notes = [], []
-    non_finite = replace_non_finite(name, hu)
-    if non_finite:
-        warnings.append(non_finite)
-    check_hu_plausible(name, hu, hu_offset)
-    clamped = clamp_to_air(hu)
-    if clamped:
-        notes.append(f"{clamped} voxels below {AIR_HU:g} HU (outside-field-of-view padding) set to air")
-    if non_finite or clamped or image.GetPixelID() != sitk.sitkFloat32:
+    floating = np.issubdtype(view.dtype, np.floating)
+    if floating and _count_slabs(view, lambda slab: ~np.isfinite(slab)):
+        # rare (missing-data voxels): repair on a float32 copy, as before
+        hu = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+        warnings.append(replace_non_finite(name, hu))
         fixed = sitk.GetImageFromArray(hu)
         fixed.CopyInformation(image)
-        image = fixed
+        image, view = fixed, hu
+        del fixed
+    check_hu_plausible(name, view, hu_offset)
+    clamped = _count_slabs(view, lambda slab: slab < AIR_HU)
+    del view
+    if clamped:  # clamp and convert in one pass: one new float32 image
+        image = sitk.Clamp(image, sitk.sitkFloat32, AIR_HU, float(np.finfo(np.float32).max))
+        notes.append(f"{clamped} voxels below {AIR_HU:g} HU (outside-field-of-view padding) set to air")
+    elif image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
     return image, warnings, notes
+
+
+def _count_slabs(values: np.ndarray, predicate, slab: int = 16) -> int:
+    """How many voxels of a z, y, x array satisfy ``predicate``, a few slices at a time (small temporaries)."""
+    return sum(int(np.count_nonzero(predicate(values[z:z + slab]))) for z in range(0, values.shape[0], slab))

@@ -253,7 +253,11 @@ def _read_nifti(path: Path, hu_offset: float | None) -> tuple[sitk.Image, list[s
     warnings += ct_checks.check_grid(str(path), header.sizes, list(spacing) + [1.0] * (len(header.sizes) - 3),
                                      direction)
     stored = nifti.read_payload(header)
-    image = nifti.to_image(header, stored, affine)
+    # an orthogonal grid without offset needs no arithmetic here: integer voxels stay integers until the
+    # value checks convert them (one float32 copy at a time, see ct_checks.checked_values)
+    square = direction.reshape(3, 3)
+    orthogonal = bool(np.allclose(square @ square.T, np.eye(3), atol=1e-9, rtol=0))
+    image = nifti.to_image(header, stored, affine, keep_integers=orthogonal and not hu_offset)
     del stored
     image, sheared = orthogonal_image(image, path.name)
     if hu_offset:
@@ -399,6 +403,12 @@ def validation_report(source, series: str | None = None, *, hu_offset: float | N
     orientation (letters the x, y, z axes point to, e.g. "LPS"), hu_percentiles, coverage_mm
     (extent along L-R, A-P, S-I, see ``ct_checks.patient_extent_mm``), provenance. Refusals give accepted False and the error.
     """
+    return load_with_report(source, series, hu_offset=hu_offset)[1]
+
+
+def load_with_report(source, series: str | None = None, *, hu_offset: float | None = None):
+    """(CTVolume or None when refused, ``validation_report``'s dict): one read for a caller that shows the
+    checks and then uses the volume (`headct-molre demo`)."""
     report = {"source": str(source) if isinstance(source, (str, os.PathLike)) else [str(p) for p in source],
               "accepted": False, "error": None, "warnings": [], "notes": [], "size": None, "spacing_mm": None,
               "origin_mm": None, "direction": None, "orientation": None, "hu_percentiles": None,
@@ -407,7 +417,7 @@ def validation_report(source, series: str | None = None, *, hu_offset: float | N
         volume = load_ct(source, series, hu_offset=hu_offset)
     except CTInputError as error:
         report["error"] = str(error)
-        return report
+        return None, report
     lr, ap, si = ct_checks.patient_extent_mm(volume.size, volume.spacing_mm, volume.direction)
     report.update(
         accepted=True, warnings=volume.warnings, notes=volume.notes, size=list(volume.size),
@@ -415,4 +425,4 @@ def validation_report(source, series: str | None = None, *, hu_offset: float | N
         direction=[round(d, 6) for d in volume.direction], orientation=ct_checks.orientation_code(volume.direction),
         hu_percentiles=ct_checks.hu_percentiles(sitk.GetArrayViewFromImage(volume.image)),
         coverage_mm={"LR": round(lr, 1), "AP": round(ap, 1), "SI": round(si, 1)}, provenance=volume.provenance)
-    return report
+    return volume, report

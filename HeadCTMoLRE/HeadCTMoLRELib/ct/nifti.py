@@ -249,6 +249,9 @@ def geometry(header: NiftiHeader) -> tuple[np.ndarray, list[str]]:
     return scaled, warnings
 
 
+PAYLOAD_CHUNK_BYTES = 16 << 20
+
+
 def read_payload(header: NiftiHeader) -> np.ndarray:
     """The stored voxels as a numpy array (..., z, y, x) in the file's type, read from the file itself.
     Refuses truncated files and absurd sizes before allocating."""
@@ -268,24 +271,42 @@ def read_payload(header: NiftiHeader) -> np.ndarray:
                     remaining -= len(skipped)
             else:
                 handle.seek(header.vox_offset)
-            data = handle.read(expected)
+            # filled in place, 16 MiB at a time: gzip's own read/readinto of the whole payload would hold a
+            # second full-size buffer while inflating
+            data, filled = bytearray(expected), 0
+            while filled < expected:
+                chunk = handle.read(min(PAYLOAD_CHUNK_BYTES, expected - filled))
+                if not chunk:
+                    break
+                data[filled:filled + len(chunk)] = chunk
+                filled += len(chunk)
+                del chunk
     except (OSError, EOFError, zlib.error) as error:
         raise CTInputError(f"{path}: file is truncated or corrupt ({error}); re-export or copy it again.") from error
-    if len(data) < expected:
+    if filled < expected:
         raise CTInputError(f"{path}: file is truncated or corrupt: data shorter than header dims "
-                           f"({len(data)} of {expected} bytes); re-export or copy it again.")
+                           f"({filled} of {expected} bytes); re-export or copy it again.")
     values = np.frombuffer(data, dtype=np.dtype(header.endian + header.dtype))
     return values.reshape(tuple(reversed(header.sizes)))
 
 
-def to_image(header: NiftiHeader, stored: np.ndarray, affine: np.ndarray) -> sitk.Image:
+def to_image(header: NiftiHeader, stored: np.ndarray, affine: np.ndarray, *,
+             keep_integers: bool = False) -> sitk.Image:
     """A 3-D float32 SimpleITK image (LPS) of the first volume: values scaled by scl_slope/scl_inter
-    (slope 0: unscaled), geometry from ``affine`` (voxel -> RAS mm; a sheared affine keeps its shear)."""
+    (slope 0: unscaled), geometry from ``affine`` (voxel -> RAS mm; a sheared affine keeps its shear).
+    ``keep_integers``: unscaled integer voxels stay in their stored type (half the memory of float32 for
+    int16); the caller converts them (ct.checks.checked_values does)."""
     volume = stored.reshape(stored.shape[-3:]) if stored.ndim > 3 else stored
-    values = volume.astype(np.float32)
-    if header.scl_slope != 0 and (header.scl_slope != 1 or header.scl_inter != 0):
-        values = values * np.float32(header.scl_slope) + np.float32(header.scl_inter)
+    scaled = header.scl_slope != 0 and (header.scl_slope != 1 or header.scl_inter != 0)
+    if keep_integers and not scaled and volume.dtype.kind in "iu" and volume.dtype.itemsize <= 2:
+        values = volume
+    else:
+        values = volume.astype(np.float32)
+        if scaled:
+            values *= np.float32(header.scl_slope)
+            values += np.float32(header.scl_inter)
     image = sitk.GetImageFromArray(values)
+    del values
     linear = RAS_TO_LPS @ affine[:3, :3]
     spacing = np.linalg.norm(linear, axis=0)
     image.SetSpacing(tuple(float(s) for s in spacing))

@@ -291,14 +291,15 @@ def _select_split(table, split: str | None, what: str = "--split"):
     return chosen
 
 
-def _predict(bundle, table, *, device, cache_dir, progress, label):
+def _predict(bundle, table, *, device, cache_dir, progress, label, threads=None):
     from ..training.cases import predict_cases
 
     def forward(event):
         if progress:
             progress({**event, "model": label})
 
-    return predict_cases(bundle, table, cache_dir=cache_dir, device=device, progress=forward if progress else None)
+    return predict_cases(bundle, table, cache_dir=cache_dir, device=device, progress=forward if progress else None,
+                         threads=threads)
 
 
 def _rows_by_path(predictions, keep_paths: list[str]):
@@ -451,7 +452,8 @@ def evaluate(cases_csv: str | os.PathLike, bundle_path: str | os.PathLike, out_d
              calibration: str = "temperature", calibrated_out: str | os.PathLike | None = None,
              strict: bool = False, compare: str | os.PathLike | None = None, device: str = "auto",
              cache_dir: str | os.PathLike | None = None, target_sensitivity: float = 0.9, calibrate: bool = True,
-             progress: Callable[[dict], None] | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+             progress: Callable[[dict], None] | None = None, n_boot: int = 1000, seed: int = 0,
+             threads: int | str | None = None) -> dict:
     """Evaluate the bundle at ``bundle_path`` on the labelled cases of ``cases_csv`` (read only); returns
     the evaluation dict that is also written to ``out_dir/evaluation.json``.
 
@@ -466,7 +468,7 @@ def evaluate(cases_csv: str | os.PathLike, bundle_path: str | os.PathLike, out_d
     ``calibrate=False``: no calibration fitted (the bundle's own is measured). ``progress``:
     callable(dict) receiving ``{"stage", "done", "total", "model"}``. Unreadable cases are listed under
     ``failures``; raises EvaluationError when nothing can be evaluated or a rule above is broken,
-    bundle.BundleError for an unusable bundle.
+    bundle.BundleError for an unusable bundle. ``threads``: CPU threads for torch (threads.py; None: by work size).
     """
     import shutil
 
@@ -499,7 +501,7 @@ def evaluate(cases_csv: str | os.PathLike, bundle_path: str | os.PathLike, out_d
     table = _select_split(full_table, split)
     out.mkdir(parents=True, exist_ok=True)
     label = _model_label(model)
-    predictions = _predict(model, table, device=device, cache_dir=cache_dir, progress=progress, label=label)
+    predictions = _predict(model, table, device=device, threads=threads, cache_dir=cache_dir, progress=progress, label=label)
     failures = [{"path": _portable(path, table.csv_path), "reason": str(reason)} for path, reason in predictions.failures]
     if not predictions.paths:
         shown = "; ".join(f"{f['path']}: {f['reason']}" for f in failures[:2]) or "; ".join(table.problems[:3])
@@ -512,7 +514,7 @@ def evaluate(cases_csv: str | os.PathLike, bundle_path: str | os.PathLike, out_d
         other_label = _model_label(other)
         if other_label == label:
             other_label = f"{other_label} [reference]"
-        other_predictions = _predict(other, table, device=device, cache_dir=cache_dir, progress=progress,
+        other_predictions = _predict(other, table, device=device, threads=threads, cache_dir=cache_dir, progress=progress,
                                      label=other_label)
         common = set(other_predictions.paths)
         keep = [path for path in keep if path in common]
@@ -522,7 +524,7 @@ def evaluate(cases_csv: str | os.PathLike, bundle_path: str | os.PathLike, out_d
     fit_logits = fit_labels = None
     fit_failures: list = []
     if fit_table is not None:
-        fit_predictions = _predict(model, fit_table, device=device, cache_dir=cache_dir, progress=progress,
+        fit_predictions = _predict(model, fit_table, device=device, threads=threads, cache_dir=cache_dir, progress=progress,
                                    label=f"{label} [fit]")
         if not fit_predictions.paths:
             raise EvaluationError(f"none of the {len(fit_table)} fit cases could be read; check them with "
@@ -582,7 +584,7 @@ def evaluate(cases_csv: str | os.PathLike, bundle_path: str | os.PathLike, out_d
     compared = None
     if other is not None:
         other_logits, other_labels = _rows_by_path(other_predictions, keep)
-        other_fit = _predict(other, fit_table, device=device, cache_dir=cache_dir, progress=None,
+        other_fit = _predict(other, fit_table, device=device, threads=threads, cache_dir=cache_dir, progress=None,
                              label=other_label) if fit_table is not None else None
         other_alpha, _ = calibration_lib.alpha_from_training(other.manifest.get("training"), other.catalog.ids)
         other_result = evaluate_predictions(
@@ -650,6 +652,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compare", help="another bundle (same catalog) to compare with, e.g. the LoRA-only baseline")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps, cpu")
     parser.add_argument("--cache", help="preprocessing cache folder (default ~/.cache/headct-molre/stacks)")
+    parser.add_argument("--threads", default=None,
+                        help="CPU threads for the model (default: $HEADCT_THREADS, else chosen by work size)")
     parser.add_argument("--target-sensitivity", type=float, default=0.9,
                         help="per-finding thresholds are the highest that reach this sensitivity (default 0.9)")
     parser.add_argument("--no-calibrate", action="store_true", help="fit nothing; measure the bundle's own calibration")
@@ -675,7 +679,7 @@ def run_from_args(args) -> int:
         calibration=args.calibration, calibrated_out=args.calibrated_out, strict=args.strict, compare=args.compare,
         device=args.device, cache_dir=args.cache, target_sensitivity=args.target_sensitivity,
         calibrate=not args.no_calibrate, progress=None if args.json else _terminal_progress,
-        n_boot=args.bootstrap, seed=args.seed,
+        n_boot=args.bootstrap, seed=args.seed, threads=args.threads,
     )
     if args.json:
         print(json.dumps(evaluation, indent=2))

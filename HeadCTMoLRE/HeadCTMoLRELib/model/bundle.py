@@ -587,15 +587,25 @@ def _typed_views(folder: Path, manifest: dict):
     return catalog, preprocessing, model_config, thresholds
 
 
-def load_bundle(path: str | os.PathLike, *, verify: bool = True, trusted_keys: Mapping | None = None) -> Bundle:
+def load_bundle(path: str | os.PathLike, *, verify: bool = True, trusted_keys: Mapping | None = None,
+                rehash: bool = False) -> Bundle:
     """Read, verify (manifest digest and schema, file hashes, paths, catalog, preprocessing, backbone
     config, signature when present) and describe a bundle; loads no weights. Every refusal is a
-    BundleError with a message. ``trusted_keys`` (signing.read_trusted_keys) marks the signer trusted."""
+    BundleError with a message. ``trusted_keys`` (signing.read_trusted_keys) marks the signer trusted.
+
+    The file hashes are checked once per change of the bundle's files in this process
+    (``verification_cache``: every file's size, times and inode, plus the manifest digest), so a second
+    `predict(path)` does not re-read the weights; ``rehash=True`` always re-reads them (`headct-molre verify`)."""
+    from . import verification_cache
+
     folder = Path(path).expanduser().resolve()
     try:
         manifest = read_manifest(folder)
-        if verify:
+        if verify and rehash:
             verify_files(folder, manifest)
+            verification_cache.remember_verified(folder, manifest)
+        elif verify:
+            verification_cache.verify_bundle_files(folder, manifest)
         catalog, preprocessing, model_config, thresholds = _typed_views(folder, manifest)
         signature = _signature_status(folder, manifest, trusted_keys)
     except BundleError:
@@ -667,19 +677,24 @@ def build_model(bundle: Bundle, *, backbone_folder: str | os.PathLike | None = N
     from safetensors.torch import load_file
 
     from . import classifier as model_lib
+    from .meta_init import parameters_on_meta
 
     folder = resolve_backbone_folder(bundle, backbone_folder)
     try:
         adapters = load_file(str(bundle.path / ADAPTERS_FILE))
         if folder is None:
-            # rebuild the exact architecture from the stored transformers config (never from spec.source)
-            classifier = model_lib.build_classifier(
-                bundle.model_config,
-                backbone_transformers_config=bundle.manifest["backbone"]["transformers_config"],
-            )
+            # rebuild the exact architecture from the stored transformers config (never from spec.source),
+            # with its parameters on the meta device: the file's tensors become them (no random
+            # initialisation to throw away, no second copy)
+            with parameters_on_meta():
+                classifier = model_lib.build_classifier(
+                    bundle.model_config,
+                    backbone_transformers_config=bundle.manifest["backbone"]["transformers_config"],
+                )
             state = load_file(str(bundle.path / BACKBONE_FILE))
             state.update(adapters)
-            model_lib.load_full_state_dict(classifier, state)
+            model_lib.load_full_state_dict(classifier, state, assign=True)
+            del state
         else:
             classifier = model_lib.build_classifier(bundle.model_config, backbone_weights_dir=folder)
             model_lib.load_trainable_state_dict(classifier, adapters)

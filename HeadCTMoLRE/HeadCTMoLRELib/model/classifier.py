@@ -327,11 +327,19 @@ def full_state_dict(model: HeadCTClassifier) -> dict[str, torch.Tensor]:
     return {name: tensor.detach() for name, tensor in model.state_dict().items()}
 
 
-def load_full_state_dict(model: HeadCTClassifier, state: dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Load weights saved by `full_state_dict`; names and shapes are checked before anything is copied."""
+def load_full_state_dict(model: HeadCTClassifier, state: dict[str, torch.Tensor], strict: bool = True, *,
+                         assign: bool = False) -> None:
+    """Load weights saved by `full_state_dict`; names and shapes are checked before anything is copied.
+    ``assign``: the tensors of ``state`` become the model's (no copy; for a model built under
+    meta_init.parameters_on_meta)."""
     expected = model.state_dict()
     _check_fits(expected, state, strict, "Model weights",
                 "this architecture (different backbone family/size, LoRA, MoLRE or findings?)")
+    if assign:
+        from .meta_init import assign_state_dict
+
+        assign_state_dict(model, {k: v for k, v in state.items() if k in expected})
+        return
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 

@@ -42,11 +42,12 @@ class FusedRotaryAttention(nn.Module):
         self.num_heads = attention.num_heads
         self.head_dim = attention.head_dim
         self.scaling = attention.scaling
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True, device=q.weight.device, dtype=q.weight.dtype)
+        # built on the meta device (no initialisation to throw away), then given the concatenated weights
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True, device="meta", dtype=q.weight.dtype)
         with torch.no_grad():
-            self.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
             biases = [p.bias if p.bias is not None else torch.zeros_like(p.weight[:, 0]) for p in (q, k, v)]
-            self.qkv.bias.copy_(torch.cat(biases))
+            self.qkv.weight = nn.Parameter(torch.cat([q.weight, k.weight, v.weight]), requires_grad=False)
+            self.qkv.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
         self.o_proj = _plain_linear(attention.o_proj)
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):

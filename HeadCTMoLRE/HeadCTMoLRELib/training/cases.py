@@ -457,10 +457,12 @@ def read_cached_stack(path: str | os.PathLike) -> CachedStack:
     return CachedStack(pixels=pixels, slice_valid=valid.astype(bool), warnings=[str(w) for w in warnings])
 
 
-def _cache_one(source: str, preprocessing_dict: dict, cache_dir: str) -> tuple[str, str | None, bool, str | None, str | None]:
+def _cache_one(source: str, preprocessing_dict: dict, cache_dir: str,
+               cached_only: bool = False) -> tuple[str, str | None, bool, str | None, str | None] | None:
     """Worker: (source) -> (source, cache file or None, was_cached, error or None, rebuilt note or None).
     Never raises for a bad input; the error text names the file and the problem. A damaged cache entry
-    is removed and rebuilt, and the note says so."""
+    is removed and rebuilt, and the note says so. ``cached_only``: return None instead of preprocessing
+    when there is no usable entry (the main process's first pass, which needs no worker)."""
     from ..ct.preprocess import PreprocessConfig, preprocess
 
     note = None
@@ -474,6 +476,8 @@ def _cache_one(source: str, preprocessing_dict: dict, cache_dir: str) -> tuple[s
                 read_cached_stack(target)
                 return source, str(target), True, None, None
             except CacheEntryError as problem:
+                if cached_only:  # the full path removes, rebuilds and reports it
+                    return None
                 note = f"{source}: {problem}; rebuilt"
                 if target.is_dir() and not target.is_symlink():
                     import shutil
@@ -481,6 +485,8 @@ def _cache_one(source: str, preprocessing_dict: dict, cache_dir: str) -> tuple[s
                     shutil.rmtree(target, ignore_errors=True)
                 else:
                     target.unlink(missing_ok=True)
+        if cached_only:
+            return None
         from ..ct.loader import load_ct
 
         stack = preprocess(load_ct(source), config)
@@ -491,21 +497,6 @@ def _cache_one(source: str, preprocessing_dict: dict, cache_dir: str) -> tuple[s
     except (ValueError, OSError, RuntimeError, MemoryError) as error:  # CTInputError is a ValueError
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return source, None, False, text if source in text else f"{source}: {text}", note
-
-
-def _already_cached(source: str, preprocessing_dict: dict, cache_dir: str):
-    """`_cache_one`'s outcome when ``source`` has an intact cache entry, else None (also for anything
-    unreadable: `_cache_one` then rebuilds or reports it)."""
-    from ..ct.preprocess import PreprocessConfig
-
-    try:
-        target = Path(cache_dir) / f"{cache_key(input_sha256(source), PreprocessConfig.from_dict(preprocessing_dict))}.safetensors"
-        if target.is_symlink() or not target.is_file():
-            return None
-        read_cached_stack(target)
-    except (CacheEntryError, ValueError, OSError, RuntimeError, MemoryError):
-        return None
-    return source, str(target), True, None, None
 
 
 def _worker_init() -> None:
@@ -562,23 +553,32 @@ def build_cache(sources: Iterable[str | os.PathLike | Case], preprocessing, *, c
             progress({"stage": "cache", "done": len(result.files) + len(result.failures), "total": len(unique),
                       "path": source, **({"rebuilt": note} if note else {})})
 
-    pending = []
-    for source in unique:  # cached cases cost a hash here, not a worker process start
-        outcome = _already_cached(source, *args)
+    to_build = []
+    for source in unique:  # cases already cached cost a hash here: no worker process (and its torch import)
+        outcome = _cached_outcome(source, args)
         if outcome is None:
-            pending.append(source)
+            to_build.append(source)
         else:
             record(outcome)
-    if workers <= 1 or len(pending) <= 1:
-        for source in pending:
+    if workers <= 1 or len(to_build) <= 1:
+        for source in to_build:
             record(_cache_one(source, *args))
-    elif pending:
-        broken = _build_in_pool(pending, args, workers, record)
+    else:
+        broken = _build_in_pool(to_build, args, workers, record)
         if broken:  # the pool never worked (e.g. a script without `if __name__ == "__main__":`): go serial
             for source in broken:
                 record(_cache_one(source, *args))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _cached_outcome(source: str, args: tuple):
+    """`_cache_one`'s outcome when ``source`` has a usable cache entry or cannot even be read for hashing
+    (its failure, with the message a worker would give), else None: it needs preprocessing."""
+    try:
+        return _cache_one(source, *args, cached_only=True)
+    except Exception:  # noqa: BLE001 - the full path reports every problem with its message
+        return None
 
 
 def _build_in_pool(sources: list[str], args: tuple, workers: int, record) -> list[str]:
@@ -656,23 +656,26 @@ def _as_cases(cases, catalog) -> list[Case]:
 
 
 def _resolve_model(bundle_or_model, preprocessing):
-    """-> (classifier, catalog, preprocessing, temperature, logit offsets (C,) or 0.0 for a bare model)."""
-    from ..model.bundle import Bundle, build_model, load_bundle
+    """-> (bundle or None, classifier or None, catalog, preprocessing, temperature, logit offsets (C,) or 0.0).
+
+    A bundle's classifier is left to `inference.cached_model` (None here): the inference-only model,
+    built once per process, device and precision."""
+    from ..model.bundle import Bundle, load_bundle
 
     if isinstance(bundle_or_model, (str, os.PathLike, Bundle)):
         bundle = bundle_or_model if isinstance(bundle_or_model, Bundle) else load_bundle(bundle_or_model)
         offsets = calibration.logit_offsets(bundle.manifest, bundle.catalog.ids)
-        return (build_model(bundle), bundle.catalog, preprocessing or bundle.preprocessing, bundle.temperature,
-                offsets)
+        return (bundle, None, bundle.catalog, preprocessing or bundle.preprocessing, bundle.temperature, offsets)
     model = getattr(bundle_or_model, "module", bundle_or_model)  # DistributedDataParallel
     if preprocessing is None:
         raise ValueError("predict_cases with a model (not a bundle) needs preprocessing=PreprocessConfig(...).")
-    return model, getattr(model, "catalog", None), preprocessing, 1.0, 0.0
+    return None, model, getattr(model, "catalog", None), preprocessing, 1.0, 0.0
 
 
 def predict_cases(bundle_or_model, cases, *, preprocessing=None, cache_dir=None, device="auto",
                   precision="auto", batch_size: int = 4, progress=None, catalog=None,
-                  workers: int | None = None) -> CasePredictions:
+                  workers: int | None = None, chunk_size: int | None = None,
+                  threads: int | str | None = None) -> CasePredictions:
     """Run a bundle (folder or bundle.Bundle) or a HeadCTClassifier over many cases.
 
     ``cases``: a CaseTable, a cases CSV path, a list of Case, or a list of image paths (labels unknown).
@@ -681,38 +684,51 @@ def predict_cases(bundle_or_model, cases, *, preprocessing=None, cache_dir=None,
     cache. ``device``: "auto" (a bare model stays on its own device), "cpu", "cuda"...; ``precision``:
     auto/fp32/bf16/fp16. ``progress`` receives {"stage": "cache"|"predict", "done", "total"}. Cases that
     cannot be read are listed in ``failures``. The model's train/eval mode is restored afterwards.
+    A bundle runs as `infer` runs it: the cached inference model (LoRA merged, fused attention), slices
+    ``chunk_size`` at a time (None: 8 on the CPU, all on a GPU), torch threads by work size (``threads``:
+    an explicit count, see threads.py).
     """
     import torch
 
-    from ..inference import _autocast, select_device, select_precision
+    from ..inference import (_CPU_DEFAULT_CHUNK, _autocast, _cpu_threads, cached_model, forward_flops_per_slice,
+                             select_device, select_precision)
 
-    model, model_catalog, preprocessing, temperature, offsets = _resolve_model(bundle_or_model, preprocessing)
+    bundle, model, model_catalog, preprocessing, temperature, offsets = _resolve_model(bundle_or_model,
+                                                                                      preprocessing)
     catalog = model_catalog or catalog or getattr(cases, "catalog", None)
     if catalog is None:
         raise ValueError("predict_cases needs a catalog: pass a bundle, a CaseTable or catalog=...")
     case_list = _as_cases(cases, catalog)
     cached = build_cache(case_list, preprocessing, cache_dir=cache_dir, workers=workers, progress=progress)
     usable = [case for case in case_list if str(case.path) in cached.files]
-    if device == "auto" and not isinstance(bundle_or_model, (str, os.PathLike)) and hasattr(model, "parameters"):
+    if device == "auto" and model is not None and hasattr(model, "parameters"):
         torch_device = next(model.parameters()).device
     else:
         torch_device = select_device(device)
     chosen_precision = select_precision(torch_device, precision)  # "auto": as `headct-molre infer` chooses
-    was_training = model.training
-    model.to(torch_device).eval()
+    if model is None:
+        model = cached_model(bundle, torch_device, chosen_precision) if usable else None
+    if chunk_size is None and torch_device.type == "cpu":
+        chunk_size = _CPU_DEFAULT_CHUNK
+    was_training = bool(model is not None and model.training)
+    if model is not None:
+        model.to(torch_device).eval()
     logits = []
     try:
         for start in range(0, len(usable), batch_size):
             batch = usable[start:start + batch_size]
             pixels, valid = stack_batch([cached.files[str(c.path)] for c in batch])
             pixels = pixels.to(torch_device).float().div_(255.0)
-            with torch.inference_mode(), _autocast(torch_device, chosen_precision):
-                output = model(pixels, valid.to(torch_device))
+            slices_per_call = chunk_size or int(valid.sum())
+            with _cpu_threads(torch_device, forward_flops_per_slice(model) * slices_per_call, threads), \
+                    torch.inference_mode(), _autocast(torch_device, chosen_precision):
+                output = model(pixels, valid.to(torch_device), chunk_size=chunk_size)
             logits.append(output.logits.float().cpu().numpy().astype(np.float64))
             if progress:
                 progress({"stage": "predict", "done": start + len(batch), "total": len(usable)})
     finally:
-        model.train(was_training)
+        if model is not None and bundle is None:
+            model.train(was_training)
     logits_array = np.concatenate(logits) if logits else np.zeros((0, len(catalog)))
     probabilities = metrics.sigmoid(calibration.calibrated_logits(logits_array, offsets, temperature))
     labels = np.stack([c.labels for c in usable]) if usable else np.zeros((0, len(catalog)), np.float32)
