@@ -299,7 +299,8 @@ def to_image(header: NiftiHeader, stored: np.ndarray, affine: np.ndarray, *,
     volume = stored.reshape(stored.shape[-3:]) if stored.ndim > 3 else stored
     scaled = header.scl_slope != 0 and (header.scl_slope != 1 or header.scl_inter != 0)
     if keep_integers and not scaled and volume.dtype.kind in "iu" and volume.dtype.itemsize <= 2:
-        values = volume
+        # SimpleITK takes native byte order only: a big-endian file's integers are swapped (one copy, same size)
+        values = volume.astype(volume.dtype.newbyteorder("="), copy=False)
     else:
         values = volume.astype(np.float32)
         if scaled:
