@@ -225,8 +225,8 @@ def _static_shapes_required() -> bool:
 
 
 def _checked_mask(pixels: torch.Tensor, slice_mask: torch.Tensor | None) -> torch.Tensor:
-    if pixels.dim() != 5 or pixels.shape[2] != 3:
-        raise ValueError(f"Expected pixels of shape (B, S, 3, H, W), got {tuple(pixels.shape)}.")
+    if pixels.dim() != 5 or pixels.shape[2] < 1:  # the backbone checks its own channel count (3; Pillar0: 11)
+        raise ValueError(f"Expected pixels of shape (B, S, C, H, W), got {tuple(pixels.shape)}.")
     batch, num_slices = pixels.shape[:2]
     if slice_mask is None:
         return torch.ones(batch, num_slices, dtype=torch.bool, device=pixels.device)
