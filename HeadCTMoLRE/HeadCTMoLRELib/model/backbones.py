@@ -335,15 +335,19 @@ _PILLAR0_HEADCT_PREPROCESSING = {"windows_hu": PILLAR0_WINDOWS_HU, "num_slices":
 
 def default_preprocessing(family: str, size: str | None = None) -> dict:
     """PreprocessConfig keyword arguments for a family's size (empty: the defaults). For pillar0 headct
-    Pillar-0's own 11 windows and geometry; pillar0 sizes built for 11 input channels get its windows too."""
+    Pillar-0's own 11 windows and geometry; another pillar0 size built for 11 input channels (tiny-11) gets
+    the same windows and outside fill, with its own depth (num_frames slices) and the default spacing."""
     if family not in FAMILIES:
         raise ValueError(f"Unknown backbone family {family!r}; choose one of {sorted(FAMILIES)}.")
     if family != "pillar0":
         return {}
     if size == "headct":
         return dict(_PILLAR0_HEADCT_PREPROCESSING)
-    channels = int(FAMILIES[family].sizes.get(size, {}).get("in_chans", 3))
-    return {"windows_hu": PILLAR0_WINDOWS_HU} if channels == len(PILLAR0_WINDOWS_HU) else {}
+    shape = FAMILIES[family].sizes.get(size, {})
+    if int(shape.get("in_chans", 3)) != len(PILLAR0_WINDOWS_HU):
+        return {}
+    return {"windows_hu": PILLAR0_WINDOWS_HU, "num_slices": int(shape["num_frames"]),
+            "outside_hu": _PILLAR0_HEADCT_PREPROCESSING["outside_hu"]}
 
 
 def input_channels(family: str, size: str | None = None) -> int:
