@@ -5,7 +5,7 @@ object with an ``.image`` attribute holding one (e.g. ``ctio.CTVolume``; its ``.
 
 Output: a ``SliceStack``: the volume resampled to ``num_slices`` axial slices of ``image_size`` x
 ``image_size`` pixels (default 40 x 224 x 224 at 1 x 1 x 4 mm) in the standard head frame (see
-``alignment.py``), each slice turned into 3 channels by the HU windows [0,80], [-20,180], [-800,2000]
+``alignment.py``), each slice turned into C channels by the HU windows (default [0,80], [-20,180], [-800,2000]; a "minmax" entry: the scan's own range)
 scaled to 0..1. Array layout follows the numpy view of an LPS identity-direction image: slice (k)
 inferior -> superior, row (j) anterior -> posterior, column (i) patient right -> left (radiological
 display: anterior at the top, patient's left on the viewer's right).

@@ -65,9 +65,12 @@ class PreprocessConfig:
         return self.in_plane_fov_mm / self.image_size
 
     def to_dict(self) -> dict:
-        """JSON-able dict (windows as lists)."""
+        """JSON-able dict (windows as lists; outside_hu only when it is not air, so that the manifests and
+        cache keys of configurations that existed before it stay as they were)."""
         data = dataclasses.asdict(self)
         data["windows_hu"] = [w if w == MINMAX_WINDOW else list(w) for w in self.windows_hu]
+        if data["outside_hu"] == OUTSIDE_AIR_HU:
+            del data["outside_hu"]
         return data
 
     @classmethod
