@@ -16,7 +16,7 @@ Families (no timm/torchvision):
                   multi-scale embedding (1152-d for HeadCT, before the contrastive L2 normalisation)
 
 2-D families give a `SliceEncoder`: pixels (N, 3, H, W) in 0..1 -> features (N, d). The 3-D family gives a
-`VolumeEncoder`: pixels (B, S, 3, H, W) + slice_mask (B, S) -> features (B, d); the valid slices of each
+`VolumeEncoder`: pixels (B, S, C, H, W) (C = 3; Pillar0: its in_chans) + slice_mask (B, S) -> features (B, d); the valid slices of each
 volume (inferior -> superior) are resampled linearly along the slice axis to the model's `num_frames`.
 Both apply the family's intensity normalisation themselves (ImageNet mean/std, or 0.5/0.5 for SigLIP).
 
@@ -521,7 +521,7 @@ class VolumeEncoder(_Encoder):
 
 
 def resample_slices(slices: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """(S, 3, H, W) -> (num_frames, 3, H, W), linear along the slice axis, first/last slices kept."""
+    """(S, C, H, W) -> (num_frames, C, H, W), linear along the slice axis, first/last slices kept."""
     if slices.shape[0] == num_frames:
         return slices
     if slices.shape[0] == 1:

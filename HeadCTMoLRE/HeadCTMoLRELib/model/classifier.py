@@ -136,7 +136,8 @@ class HeadCTClassifier(nn.Module):
     ) -> ClassifierOutput:
         """Classify B volumes of S slices.
 
-        pixels: (B, S, 3, H, W) float in 0..1 (three HU windows as channels, slices inferior -> superior).
+        pixels: (B, S, C, H, W) float in 0..1 (C HU windows as channels: 3, Pillar0 headct 11; slices
+            inferior -> superior).
         slice_mask: (B, S) bool, True for slices inside the scanned volume (None: all). Masked slices are
             never fed to the backbone, get zero attention and cannot change any output.
         chunk_size: at most this many slices per backbone call (bounds memory; same results up to float

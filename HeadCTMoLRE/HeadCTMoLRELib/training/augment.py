@@ -160,7 +160,7 @@ def augment_batch(pixels: torch.Tensor, slice_valid: torch.Tensor, config: Augme
     """Augment a batch (shapes and units in the module docstring); returns new tensors (pixels in 0..1,
     slice_valid bool (B, S)). ``generator`` must live on ``pixels.device``."""
     if pixels.dim() != 5:
-        raise ValueError(f"augment_batch expects pixels (B, S, 3, H, W), got {tuple(pixels.shape)}.")
+        raise ValueError(f"augment_batch expects pixels (B, S, C, H, W), got {tuple(pixels.shape)}.")
     geometric_identity, intensity_identity = _identity(config)
     if not geometric_identity:
         pixels, slice_valid = _geometric(pixels, slice_valid, config, generator, pixel_spacing_mm, slice_spacing_mm)
