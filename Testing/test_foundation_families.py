@@ -99,6 +99,32 @@ def test_pillar0_from_converted_weights_through_every_command(capsys, tmp_path, 
     assert len(usage) == 6 and abs(sum(usage) - 1) < 1e-5
 
 
+def test_pillar0_headct_bundles_get_the_eleven_windows_and_geometry(capsys, tmp_path):
+    """new-model --size headct writes Pillar-0's preprocessing (11 channels in the reference's order,
+    128 x 256 x 256, -1 HU outside); only the bundle is made (the real-size model is built on random weights)."""
+    pre = backbones.default_preprocessing("pillar0", "headct")
+    assert len(pre["windows_hu"]) == 11 and pre["windows_hu"][-1] == "minmax"
+    assert pre["windows_hu"][0] == (-1350.0, 150.0) and pre["windows_hu"][5] == (0.0, 80.0)  # lung, brain
+    assert (pre["num_slices"], pre["image_size"], pre["outside_hu"]) == (128, 256, -1.0)
+    assert backbones.default_preprocessing("dinov3", "tiny") == {} and backbones.default_preprocessing("pillar0", "tiny") == {}
+
+
+def test_pillar0_eleven_windows_new_model_and_infer_on_the_sample(capsys, tmp_path):
+    """The headct input path at the tiny size (tiny-11: 11 input channels): new-model writes the 11 windows
+    and the model's depth; infer on the shipped sample runs them through the Atlas encoder."""
+    sample = Path(__file__).resolve().parents[1] / "Resources" / "Samples" / "GE_head_axial_1x1x5mm.nii.gz"
+    code, _, err = run(capsys, "new-model", "--backbone", "pillar0", "--size", "tiny-11", "--random-backbone",
+                       "--alignment", "center", "--out", tmp_path / "b")
+    assert code == 0, err
+    pre = bundle.read_manifest(tmp_path / "b")["preprocessing"]
+    assert pre["windows_hu"] == [list(w) for w in backbones.PILLAR0_WINDOWS_HU[:-1]] + ["minmax"]
+    assert (pre["num_slices"], pre["image_size"], pre["outside_hu"]) == (32, 64, -1.0)
+    code, out, err = run(capsys, "infer", sample, "--model", tmp_path / "b", "--device", "cpu", "--json")
+    assert code == 0, err
+    findings = json.loads(out)["findings"]
+    assert len(findings) == 75
+
+
 def test_pillar0_defaults_to_its_own_volume(capsys, tmp_path):
     code, _, err = run(capsys, "new-model", "--backbone", "pillar0", "--size", "tiny", "--random-backbone",
                        "--out", tmp_path / "b")

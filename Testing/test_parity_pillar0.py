@@ -64,8 +64,10 @@ def test_tiny_parity_through_the_converter(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(atlas.stem(pixels), expected["stem"], atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(atlas(pixel_values=pixels).pooler_output, expected["embedding"], atol=ATOL, rtol=RTOL)
-        # the volume feature the classifier sees: slices (B, S, 3, H, W), S == num_frames (no resampling)
-        features = encoder(pixels.permute(0, 2, 1, 3, 4))
+        # the volume feature the classifier sees: slices (B, S, 3, H, W), S == num_frames (no resampling),
+        # in our order (inferior -> superior), i.e. the reference's depth axis reversed (it flips its volume)
+        features = encoder(pixels.flip(2).permute(0, 2, 1, 3, 4))
+        assert not torch.allclose(encoder(pixels.permute(0, 2, 1, 3, 4)), expected["embedding"], atol=1e-3)
     torch.testing.assert_close(features, expected["embedding"], atol=ATOL, rtol=RTOL)
     assert encoder.feature_dim == 48
 

@@ -90,6 +90,54 @@ def test_windows_are_exact_on_known_hu():
                                atol=1e-7)
 
 
+def test_pillar0_windows_and_minmax_follow_the_reference_formula():
+    """Pillar-0's 11 channels on a small random volume: clamp((v - (c - w/2)) / (w + 1e-8), 0, 1) per
+    anatomical window, then clamp((v - min) / (max - min + 1e-8), 0, 1) over the whole volume; numpy and
+    torch paths agree."""
+    import torch
+
+    from HeadCTMoLRELib.model.backbones import PILLAR0_CT_WINDOWS, PILLAR0_WINDOWS_HU
+
+    rng = np.random.default_rng(7)
+    hu = rng.uniform(-1100.0, 2500.0, size=(3, 4, 5)).astype(np.float32)
+    expected = [np.clip((hu.astype(np.float64) - (c - w / 2)) / (w + 1e-8), 0, 1) for _, c, w in PILLAR0_CT_WINDOWS]
+    expected.append(np.clip((hu - hu.min()) / (float(hu.max()) - float(hu.min()) + 1e-8), 0, 1))
+    channels = apply_windows(hu, PILLAR0_WINDOWS_HU)
+    assert channels.shape == (11, 3, 4, 5) and channels.dtype == np.float32
+    np.testing.assert_allclose(channels, np.stack(expected), atol=2e-6)
+    assert channels[-1].min() == 0.0 and channels[-1].max() == pytest.approx(1.0, abs=1e-6)
+    on_torch = apply_windows(torch.from_numpy(hu), PILLAR0_WINDOWS_HU)
+    np.testing.assert_allclose(on_torch.numpy(), channels, atol=2e-6)
+    # a constant volume: minmax is 0 (the 1e-8 keeps it finite), never NaN
+    assert np.all(apply_windows(np.full((2, 2), 40.0), ("minmax",)) == 0.0)
+
+
+def test_minmax_and_outside_hu_round_trip_and_are_checked():
+    config = PreprocessConfig(windows_hu=((0, 80), "minmax"), outside_hu=-1)
+    restored = PreprocessConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert restored == config and restored.windows_hu == ((0.0, 80.0), "minmax") and restored.outside_hu == -1.0
+    assert "outside_hu" not in PreprocessConfig().to_dict()  # as before it existed: same manifests, cache keys
+    assert PreprocessConfig.from_dict(PreprocessConfig().to_dict()).outside_hu == -1024.0
+    with pytest.raises(ValueError, match="not a \\(low, high\\) HU pair or 'minmax'"):
+        PreprocessConfig(windows_hu=("max",))
+    with pytest.raises(ValueError, match="outside_hu"):
+        PreprocessConfig(outside_hu=float("nan"))
+
+
+def test_outside_hu_fills_what_the_scan_does_not_cover(ge_head):
+    """The partial-coverage GE head: slices beyond the scan carry outside_hu through the windows (Pillar-0
+    pads with -1 HU: 1349 / 1500 in its lung window), the head mask still sees air there."""
+    base = dict(image_size=32, in_plane_fov_mm=256.0, num_slices=24, slice_spacing_mm=8.0, alignment="center")
+    air = preprocess(ge_head, PreprocessConfig(windows_hu=((-1350, 150), "minmax"), **base))
+    water = preprocess(ge_head, PreprocessConfig(windows_hu=((-1350, 150), "minmax"), outside_hu=-1.0, **base))
+    outside = ~water.slice_valid
+    assert outside.any() and water.slice_valid.any()
+    np.testing.assert_allclose(water.pixels[outside, 0], 1349.0 / 1500.0, atol=1e-6)
+    np.testing.assert_allclose(air.pixels[outside, 0], (1350.0 - 1024.0) / 1500.0, atol=1e-6)  # air by default
+    np.testing.assert_array_equal(water.head_mask, air.head_mask)
+    assert 0.0 < water.pixels[outside, 1].min() and water.pixels[:, 1].max() == pytest.approx(1.0, abs=1e-6)
+
+
 def test_config_sets_stack_shape_spacing_and_slice_distance(ge_head):
     config = PreprocessConfig(image_size=64, in_plane_fov_mm=256.0, num_slices=20, slice_spacing_mm=8.0,
                               windows_hu=((0, 80), (-800, 2000)), alignment="center")

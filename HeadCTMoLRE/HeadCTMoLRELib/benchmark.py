@@ -211,7 +211,7 @@ def benchmark_size(
     config = model.ModelConfig(backbone=spec, num_findings=len(catalog))
     classifier = model.build_classifier(config).eval()
     counts = model.count_parameters(classifier)
-    pixels = torch.rand(1, num_slices, 3, image_size, image_size, device=torch_device)
+    pixels = torch.rand(1, num_slices, backbones.input_channels(family, size), image_size, image_size, device=torch_device)
     slice_mask = torch.ones(1, num_slices, dtype=torch.bool, device=torch_device)
     classifier.to(torch_device)
     if torch_device.type == "cuda":
@@ -280,7 +280,8 @@ def benchmark_size(
         log(f"[{size}] end to end from {source}")
         with tempfile.TemporaryDirectory() as tmp:
             classifier_cpu = model.build_classifier(config).eval()
-            pre = preprocess.PreprocessConfig(image_size=image_size, num_slices=num_slices)
+            pre = preprocess.PreprocessConfig(**{**backbones.default_preprocessing(family, size),
+                                                 "image_size": image_size, "num_slices": num_slices})
             bundle_dir = bundle.save_bundle(classifier_cpu, Path(tmp) / f"bench-{size}", catalog=catalog, preprocessing=pre)
             loaded = bundle.load_bundle(bundle_dir)
             inference.predict(source, loaded, device=str(torch_device), precision=chosen)  # load + warm up

@@ -264,7 +264,8 @@ def _cmd_new_model(args) -> int:
     )
     config = model.ModelConfig(backbone=spec, num_findings=len(catalog), use_molre=not args.no_molre)
     classifier = model.build_classifier(config, backbone_weights_dir=args.backbone_path)
-    pre = preprocess.PreprocessConfig(image_size=image_size, alignment=args.alignment)
+    pre = preprocess.PreprocessConfig(**{**backbones.default_preprocessing(args.backbone, args.size),
+                                         "image_size": image_size, "alignment": args.alignment})
     path = bundle.save_bundle(
         classifier, args.out, catalog=catalog, preprocessing=pre,
         name=args.name or Path(args.out).name,

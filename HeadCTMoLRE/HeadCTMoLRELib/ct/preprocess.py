@@ -5,7 +5,7 @@ object with an ``.image`` attribute holding one (e.g. ``ctio.CTVolume``; its ``.
 
 Output: a ``SliceStack``: the volume resampled to ``num_slices`` axial slices of ``image_size`` x
 ``image_size`` pixels (default 40 x 224 x 224 at 1 x 1 x 4 mm) in the standard head frame (see
-``alignment.py``), each slice turned into 3 channels by the HU windows [0,80], [-20,180], [-800,2000]
+``alignment.py``), each slice turned into C channels by the HU windows (default [0,80], [-20,180], [-800,2000]; a "minmax" entry: the scan's own range)
 scaled to 0..1. Array layout follows the numpy view of an LPS identity-direction image: slice (k)
 inferior -> superior, row (j) anterior -> posterior, column (i) patient right -> left (radiological
 display: anterior at the top, patient's left on the viewer's right).
@@ -25,7 +25,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .slice_stack import PreprocessConfig, SliceStack, stack_to_image  # noqa: F401 (re-exported)
+from .slice_stack import MINMAX_EPS, MINMAX_WINDOW, PreprocessConfig, SliceStack, stack_to_image  # noqa: F401 (re-exported)
 from .alignment import (AIR_HU, HEAD_FRAME_CENTER_MM, DeviceVolume, VoxelGrid, align_to_head_frame, as_hu,
                         body_mask, rigid_matrix)
 
@@ -33,13 +33,29 @@ MIN_VALID_SLICE_FRACTION = 0.5  # a slice counts as scanned when half of its cen
 
 
 def apply_windows(hu, windows_hu):
-    """(...) HU array (numpy or torch, any device) -> float32 (C, ...) of the same kind with channel c =
-    clip((hu - low_c) / (high_c - low_c), 0, 1)."""
+    """(...) HU array of ONE scan (numpy or torch, any device) -> float32 (C, ...) of the same kind with
+    channel c = clip((hu - low_c) / (high_c - low_c), 0, 1) for a (low, high) window, or, for the entry
+    "minmax", clip((hu - hu.min()) / (hu.max() - hu.min() + 1e-8), 0, 1) (min and max over the whole array)."""
     if isinstance(hu, torch.Tensor):
         hu = hu.to(torch.float32)
-        return torch.stack([((hu - low) / (high - low)).clamp(0.0, 1.0) for low, high in windows_hu])
+        channels = []
+        for window in windows_hu:
+            if window == MINMAX_WINDOW:
+                low, high = hu.min(), hu.max()
+                channels.append(((hu - low) / (high - low + MINMAX_EPS)).clamp(0.0, 1.0))
+            else:
+                low, high = window
+                channels.append(((hu - low) / (high - low)).clamp(0.0, 1.0))
+        return torch.stack(channels)
     hu = np.asarray(hu, dtype=np.float32)
-    channels = [np.clip((hu - np.float32(low)) / np.float32(high - low), 0.0, 1.0) for low, high in windows_hu]
+    channels = []
+    for window in windows_hu:
+        if window == MINMAX_WINDOW:
+            low, high = hu.min(), hu.max()
+            channels.append(np.clip((hu - low) / (high - low + np.float32(MINMAX_EPS)), 0.0, 1.0))
+        else:
+            low, high = window
+            channels.append(np.clip((hu - np.float32(low)) / np.float32(high - low), 0.0, 1.0))
     return np.stack(channels).astype(np.float32, copy=False)
 
 
@@ -147,9 +163,10 @@ def _output_spacing_along_input_axes(grid: VoxelGrid, frame_to_patient_rotation:
 
 
 def _resample_to_stack(volume: DeviceVolume, stack_index_to_patient: np.ndarray,
-                       size: tuple[int, int, int]) -> torch.Tensor:
-    """Trilinear samples (S, H, W) of ``volume`` at the stack voxels (``stack_index_to_patient``: 4 x 4,
-    continuous (i, j, k) stack index -> LPS mm; ``size`` x y z); air outside the volume. As ITK's
+                       size: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(trilinear samples (S, H, W) of ``volume`` at the stack voxels, bool (S, H, W) inside the volume)
+    (``stack_index_to_patient``: 4 x 4, continuous (i, j, k) stack index -> LPS mm; ``size`` x y z); the
+    samples outside are border values, to be replaced by the caller. As ITK's
     Resample: a point is inside when its continuous index lies within [-0.5, n - 0.5] on every axis,
     with border values extended there."""
     grid = volume.grid
@@ -166,7 +183,7 @@ def _resample_to_stack(volume: DeviceVolume, stack_index_to_patient: np.ndarray,
     low = torch.as_tensor(-0.5 * 2.0 / np.maximum(n - 1, 1) - 1.0, dtype=torch.float32, device=points.device)
     high = torch.as_tensor((n - 0.5) * 2.0 / np.maximum(n - 1, 1) - 1.0, dtype=torch.float32, device=points.device)
     inside = ((points[0] >= low) & (points[0] <= high)).all(-1)
-    return torch.where(inside, samples, torch.full_like(samples, AIR_HU))
+    return samples, inside
 
 
 def _slice_scanned_fraction(stack: SliceStack, grid: VoxelGrid, step: int = 4) -> np.ndarray:
@@ -229,10 +246,13 @@ def preprocess(volume, config: PreprocessConfig = PreprocessConfig(), *, device=
     stack_index_to_patient = alignment.head_to_patient @ rigid_matrix(np.diag(spacing), origin)
     with torch.no_grad():
         smoothed = anti_alias(hu, _output_spacing_along_input_axes(hu.grid, alignment.head_to_patient[:3, :3], spacing))
-        hu_stack = _resample_to_stack(smoothed, stack_index_to_patient, size)
+        hu_stack, inside = _resample_to_stack(smoothed, stack_index_to_patient, size)
         valid = torch.as_tensor(stack.slice_valid, device=hu_stack.device)[:, None, None]
-        hu_stack = torch.where(valid, hu_stack, torch.full_like(hu_stack, AIR_HU))
-        pixels = apply_windows(hu_stack, config.windows_hu).transpose(0, 1).contiguous()
+        scanned = inside & valid  # the rest is filled: air for the head mask, config.outside_hu for the windows
+        hu_stack = torch.where(scanned, hu_stack, torch.full_like(hu_stack, AIR_HU))
+        windowed = hu_stack if config.outside_hu == AIR_HU else torch.where(
+            scanned, hu_stack, torch.full_like(hu_stack, config.outside_hu))
+        pixels = apply_windows(windowed, config.windows_hu).transpose(0, 1).contiguous()
         stack.pixels = pixels.cpu().numpy()
         stack.head_mask = head_mask_slices(hu_stack)
     centre_rows = np.stack([np.arange(size[2]), np.full(size[2], (size[1] - 1) / 2), np.full(size[2], (size[0] - 1) / 2)], -1)

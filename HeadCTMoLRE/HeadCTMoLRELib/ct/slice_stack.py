@@ -15,6 +15,11 @@ import numpy as np
 import SimpleITK as sitk
 
 
+MINMAX_WINDOW = "minmax"  # a windows_hu entry: the scan's own min..max range (per volume)
+MINMAX_EPS = 1e-8  # added to max - min, as Pillar-0's reference windowing
+OUTSIDE_AIR_HU = -1024.0  # == alignment.AIR_HU (not imported: this module stays torch-free)
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Preprocessing parameters; stored in model bundles (``to_dict``) so inference can honour them.
@@ -23,8 +28,13 @@ class PreprocessConfig:
     in_plane_fov_mm: square field of view (mm); in-plane pixel spacing = in_plane_fov_mm / image_size.
     slice_spacing_mm: head-frame z spacing (mm).
     num_slices: S; the stack covers num_slices * slice_spacing_mm in z (fixed so volumes batch).
-    windows_hu: one (low, high) HU window per channel; each maps to 0..1.
+    windows_hu: one entry per channel, in channel order: a (low, high) HU window, mapped to 0..1 as
+        clip((hu - low) / (high - low), 0, 1), or the string "minmax" (MINMAX_WINDOW): the volume's own range,
+        clip((hu - min) / (max - min + 1e-8), 0, 1) with min and max over the whole slice stack of that scan
+        (outside fill included), as Pillar-0's 11th channel.
     alignment: "template" (rigid to the shipped head CT template), "center" or "none".
+    outside_hu: the HU value given to stack voxels outside the scanned volume (and to invalid slices) before
+        the windows: air (-1024) by default; Pillar0-HeadCT's reference pads its volume with -1 HU.
     """
 
     image_size: int = 224
@@ -33,6 +43,7 @@ class PreprocessConfig:
     num_slices: int = 40
     windows_hu: tuple[tuple[float, float], ...] = ((0, 80), (-20, 180), (-800, 2000))
     alignment: str = "template"
+    outside_hu: float = OUTSIDE_AIR_HU
 
     def __post_init__(self):
         if self.image_size < 1 or self.num_slices < 1:
@@ -41,10 +52,11 @@ class PreprocessConfig:
         if self.in_plane_fov_mm <= 0 or self.slice_spacing_mm <= 0:
             raise ValueError(f"in_plane_fov_mm and slice_spacing_mm must be positive (got "
                              f"{self.in_plane_fov_mm}, {self.slice_spacing_mm}).")
-        windows = tuple((float(low), float(high)) for low, high in self.windows_hu)
-        if not windows or any(high <= low for low, high in windows):
-            raise ValueError(f"windows_hu needs at least one (low, high) pair with high > low; got {self.windows_hu}.")
-        object.__setattr__(self, "windows_hu", windows)
+        object.__setattr__(self, "windows_hu", _checked_windows(self.windows_hu))
+        if not (isinstance(self.outside_hu, (int, float)) and not isinstance(self.outside_hu, bool)
+                and -5000.0 <= float(self.outside_hu) <= 40000.0):
+            raise ValueError(f"outside_hu must be a number of HU in [-5000, 40000] (got {self.outside_hu!r}).")
+        object.__setattr__(self, "outside_hu", float(self.outside_hu))
         if self.alignment not in ("template", "center", "none"):
             raise ValueError(f"alignment must be 'template', 'center' or 'none' (got {self.alignment!r}).")
 
@@ -53,9 +65,12 @@ class PreprocessConfig:
         return self.in_plane_fov_mm / self.image_size
 
     def to_dict(self) -> dict:
-        """JSON-able dict (windows as lists)."""
+        """JSON-able dict (windows as lists; outside_hu only when it is not air, so that the manifests and
+        cache keys of configurations that existed before it stay as they were)."""
         data = dataclasses.asdict(self)
-        data["windows_hu"] = [list(w) for w in self.windows_hu]
+        data["windows_hu"] = [w if w == MINMAX_WINDOW else list(w) for w in self.windows_hu]
+        if data["outside_hu"] == OUTSIDE_AIR_HU:
+            del data["outside_hu"]
         return data
 
     @classmethod
@@ -68,8 +83,29 @@ class PreprocessConfig:
                              "Update HeadCTMoLRE or use a model bundle made for this version.")
         values = dict(data)
         if "windows_hu" in values:
-            values["windows_hu"] = tuple(tuple(w) for w in values["windows_hu"])
+            values["windows_hu"] = tuple(w if isinstance(w, str) else tuple(w) for w in values["windows_hu"])
         return cls(**values)
+
+
+def _checked_windows(windows) -> tuple:
+    """windows_hu as stored: (low, high) float pairs with high > low, or the string MINMAX_WINDOW."""
+    checked = []
+    for window in windows:
+        if isinstance(window, str):
+            if window != MINMAX_WINDOW:
+                raise ValueError(f"windows_hu entry {window!r} is not a (low, high) HU pair or {MINMAX_WINDOW!r}.")
+            checked.append(window)
+            continue
+        try:
+            low, high = (float(v) for v in window)
+        except (TypeError, ValueError):
+            raise ValueError(f"windows_hu entry {window!r} is not a (low, high) HU pair or {MINMAX_WINDOW!r}.") from None
+        if not high > low:
+            raise ValueError(f"windows_hu window {window!r} needs high > low.")
+        checked.append((low, high))
+    if not checked:
+        raise ValueError(f"windows_hu needs at least one (low, high) pair with high > low; got {windows}.")
+    return tuple(checked)
 
 
 @dataclass

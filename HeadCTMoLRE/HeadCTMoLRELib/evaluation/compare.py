@@ -221,7 +221,8 @@ def run_compare(cases_csv, backbones_text: str, out_dir, *, backbone_root=None, 
     results = []
     for choice in choices:
         size = image_size or backbones.default_image_size(choice.family, choice.size)
-        pre = preprocess.PreprocessConfig(image_size=size)
+        pre = preprocess.PreprocessConfig(**{**backbones.default_preprocessing(choice.family, choice.size),
+                                             "image_size": size})
         base = out / choice.label
         trained = {}
         for key, use_molre, title in ARMS:

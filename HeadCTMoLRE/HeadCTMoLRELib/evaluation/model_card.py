@@ -63,7 +63,8 @@ def _record_items(mapping: Mapping, prefix: str = "") -> list[tuple[str, str]]:
 def _windows(pre: Mapping) -> str:
     windows = pre.get("windows_hu") or []
     try:
-        return ", ".join(f"{float(lo):g}..{float(hi):g}" for lo, hi in windows) + " HU"
+        return ", ".join("the scan's min..max" if w == "minmax" else f"{float(w[0]):g}..{float(w[1]):g}"
+                         for w in windows) + " HU"
     except (TypeError, ValueError):
         return f"{windows} HU"
 

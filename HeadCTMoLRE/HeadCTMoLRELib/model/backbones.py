@@ -16,7 +16,7 @@ Families (no timm/torchvision):
                   multi-scale embedding (1152-d for HeadCT, before the contrastive L2 normalisation)
 
 2-D families give a `SliceEncoder`: pixels (N, 3, H, W) in 0..1 -> features (N, d). The 3-D family gives a
-`VolumeEncoder`: pixels (B, S, 3, H, W) + slice_mask (B, S) -> features (B, d); the valid slices of each
+`VolumeEncoder`: pixels (B, S, C, H, W) (C = 3; Pillar0: its in_chans) + slice_mask (B, S) -> features (B, d); the valid slices of each
 volume (inferior -> superior) are resampled linearly along the slice axis to the model's `num_frames`.
 Both apply the family's intensity normalisation themselves (ImageNet mean/std, or 0.5/0.5 for SigLIP).
 
@@ -297,6 +297,9 @@ FAMILIES: dict[str, _Family] = {
             # three scales (8^3, 4^3, 2^3), width 16; the stem keeps the reference's fixed 64 channels
             "tiny": {"in_chans": 3, "stem_dim": 64, "num_features": 8, "dim": 16, "depths": [1, 1, 1],
                      "num_heads": 2, "merge_ratio": 2, "local2global": 2, "num_frames": 32, "image_size": 64},
+            # tiny with Pillar-0's 11 channels: tests of the headct input path (windows, depth order) at a small cost
+            "tiny-11": {"in_chans": 11, "stem_dim": 64, "num_features": 8, "dim": 16, "depths": [1, 1, 1],
+                        "num_heads": 2, "merge_ratio": 2, "local2global": 2, "num_frames": 32, "image_size": 64},
             # the released Pillar0-HeadCT: 11 CT windows, 128 x 256 x 256, width 384, 3 scales -> 1152-d;
             # depths: see docs/backbones.md (the converter reads them from the checkpoint)
             "headct": {"in_chans": 11, "stem_dim": 64, "num_features": 192, "dim": 384, "depths": [6, 6, 6],
@@ -310,6 +313,47 @@ FAMILIES: dict[str, _Family] = {
         native_image_size=256,
     ),
 }
+
+
+# Pillar-0's CT windows as its public preprocessing defines them (rve.ANATOMICAL_WINDOWS["CT"], center /
+# width in HU, in this channel order), each mapped to 0..1 over [center - width / 2, center + width / 2];
+# then an 11th channel, the scan's own min..max ("minmax"). See docs/backbones.md (Pillar0) for the sources.
+PILLAR0_CT_WINDOWS = (
+    ("lung", -600.0, 1500.0), ("mediastinum", 50.0, 400.0), ("abdomen", 40.0, 400.0), ("liver", 80.0, 150.0),
+    ("bone", 400.0, 1800.0), ("brain", 40.0, 80.0), ("subdural", 75.0, 215.0), ("stroke", 40.0, 40.0),
+    ("temporal_bone", 600.0, 2800.0), ("soft_tissue", 50.0, 350.0),
+)
+PILLAR0_WINDOWS_HU = tuple((c - w / 2.0, c + w / 2.0) for _, c, w in PILLAR0_CT_WINDOWS) + ("minmax",)
+
+# PreprocessConfig fields a family's released weights expect, where they differ from the defaults.
+# Pillar0-HeadCT: its 11 channels, 128 slices of 256 x 256 px, outside the scan -1 HU (the reference pads its
+# volume with -1 before windowing). The reference's voxel spacing is not published: 1 mm pixels (256 mm field of
+# view) and 1.5 mm slices (192 mm, skull base to vertex) are OUR assumption (docs/backbones.md).
+_PILLAR0_HEADCT_PREPROCESSING = {"windows_hu": PILLAR0_WINDOWS_HU, "num_slices": 128, "image_size": 256,
+                                 "in_plane_fov_mm": 256.0, "slice_spacing_mm": 1.5, "outside_hu": -1.0}
+
+
+def default_preprocessing(family: str, size: str | None = None) -> dict:
+    """PreprocessConfig keyword arguments for a family's size (empty: the defaults). For pillar0 headct
+    Pillar-0's own 11 windows and geometry; another pillar0 size built for 11 input channels (tiny-11) gets
+    the same windows and outside fill, with its own depth (num_frames slices) and the default spacing."""
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown backbone family {family!r}; choose one of {sorted(FAMILIES)}.")
+    if family != "pillar0":
+        return {}
+    if size == "headct":
+        return dict(_PILLAR0_HEADCT_PREPROCESSING)
+    shape = FAMILIES[family].sizes.get(size, {})
+    if int(shape.get("in_chans", 3)) != len(PILLAR0_WINDOWS_HU):
+        return {}
+    return {"windows_hu": PILLAR0_WINDOWS_HU, "num_slices": int(shape["num_frames"]),
+            "outside_hu": _PILLAR0_HEADCT_PREPROCESSING["outside_hu"]}
+
+
+def input_channels(family: str, size: str | None = None) -> int:
+    """Channels (windows) per voxel a family's size takes: 3 except Pillar0 sizes (their in_chans)."""
+    fam = FAMILIES[family]
+    return int(fam.sizes.get(size, {}).get("in_chans", 3)) if family == "pillar0" else 3
 
 
 def default_image_size(family: str, size: str | None = None) -> int:
@@ -384,12 +428,26 @@ class _Encoder(nn.Module):
     def hf_config(self):
         return self.hf_model.config
 
+    @property
+    def in_channels(self) -> int:
+        """Channels (CT windows) per pixel the backbone takes: 3, or a Pillar0 size's in_chans."""
+        return int(getattr(self.hf_config, "in_chans", 3)) if self.spec.family == "pillar0" else 3
+
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(..., 3, H, W) in 0..1 -> the family's normalised intensities."""
+        """(..., C, H, W) in 0..1 -> the family's normalised intensities (Pillar0: unchanged)."""
+        if self.spec.family == "pillar0":
+            return pixels
         return (pixels - self.pixel_mean.to(pixels.dtype)) / self.pixel_std.to(pixels.dtype)
 
     def _check_image(self, pixels: torch.Tensor, leading_dims: int, shape_text: str) -> None:
-        if pixels.dim() != leading_dims + 3 or pixels.shape[-3] != 3:
+        if pixels.dim() != leading_dims + 3:
+            raise ValueError(f"Expected pixels of shape {shape_text}, got {tuple(pixels.shape)}.")
+        if pixels.shape[-3] != self.in_channels:
+            if self.spec.family == "pillar0":
+                raise ValueError(
+                    f"This Pillar0 backbone ({self.spec.size}) takes {self.in_channels} CT windows per voxel, but "
+                    f"the preprocessing renders {pixels.shape[-3]}; make the bundle with `new-model --backbone "
+                    f"pillar0 --size {self.spec.size}`, which writes the matching windows (docs/backbones.md).")
             raise ValueError(f"Expected pixels of shape {shape_text}, got {tuple(pixels.shape)}.")
         if not pixels.is_floating_point():
             raise ValueError(f"Expected float pixels in 0..1, got dtype {pixels.dtype}.")
@@ -415,10 +473,11 @@ class SliceEncoder(_Encoder):
 
 
 class VolumeEncoder(_Encoder):
-    """3-D backbone + LoRA: forward(pixels (B, S, 3, H, W), slice_mask (B, S)) -> volume features (B, d).
+    """3-D backbone + LoRA: forward(pixels (B, S, C, H, W), slice_mask (B, S)) -> volume features (B, d).
 
-    The valid slices of each volume (in order, inferior -> superior) are resampled linearly along the
-    slice axis to `num_frames` (endpoints kept); padding slices never reach the model.
+    C = 3 windows (Pillar0: its size's in_chans, 11 for headct). The valid slices of each volume (in order,
+    inferior -> superior) are resampled linearly along the slice axis to `num_frames` (endpoints kept);
+    padding slices never reach the model, except for Pillar0 at its own depth (see ``frames``).
     """
 
     volumetric = True
@@ -428,9 +487,17 @@ class VolumeEncoder(_Encoder):
         return int(self.hf_config.num_frames)
 
     def frames(self, pixels: torch.Tensor, slice_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, S, 3, H, W) + (B, S) -> (B, num_frames, 3, H, W): valid slices resampled per volume."""
+        """(B, S, C, H, W) + (B, S) -> (B, num_frames, C, H, W): valid slices resampled per volume.
+
+        Pillar0 with S == num_frames (its own geometry, e.g. headct's 128 slices) takes the whole stack as it
+        is, invalid slices included: like the reference's centre pad / crop of the volume to 128 slices, the
+        slices outside the scan carry the outside_hu fill (-1 HU) through the windows, and no slice is stretched."""
+        whole_stack = self.spec.family == "pillar0" and pixels.shape[1] == self.num_frames
         volumes = []
         for index in range(pixels.shape[0]):
+            if whole_stack and (slice_mask is None or bool(slice_mask[index].any())):
+                volumes.append(pixels[index])
+                continue
             slices = pixels[index] if slice_mask is None else pixels[index][slice_mask[index]]
             if slices.shape[0] == 0:
                 raise ValueError(f"Volume {index} of the batch has no valid slices (slice_mask all False).")
@@ -438,7 +505,7 @@ class VolumeEncoder(_Encoder):
         return torch.stack(volumes)
 
     def forward(self, pixels: torch.Tensor, slice_mask: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_image(pixels, 2, "(B, S, 3, H, W)")
+        self._check_image(pixels, 2, "(B, S, C, H, W)")
         size = self.hf_config.image_size
         if tuple(pixels.shape[-2:]) != (size, size):
             raise ValueError(
@@ -446,20 +513,15 @@ class VolumeEncoder(_Encoder):
                 f"preprocess to {size} px."
             )
         pixel_values = self.normalise(self.frames(pixels, slice_mask))
-        if self.spec.family == "pillar0":  # (B, frames, C, H, W) -> (B, C, D, H, W), D = slices
-            channels = int(self.hf_config.in_chans)
-            if pixel_values.shape[2] != channels:
-                raise ValueError(
-                    f"This Pillar0 backbone takes {channels} CT windows per voxel, but the preprocessing renders "
-                    f"{pixel_values.shape[2]}; the released Pillar0-HeadCT expects Pillar-0's own 11-window "
-                    "preprocessing, which HeadCTMoLRE does not reproduce yet (see docs/backbones.md)."
-                )
-            return self.backbone(pixel_values=pixel_values.transpose(1, 2)).pooler_output
+        if self.spec.family == "pillar0":
+            # (B, frames, C, H, W) -> (B, C, D, H, W), D reversed: our slices run inferior -> superior, and
+            # Pillar-0's reference flips its cached volume along depth before the model (docs/backbones.md)
+            return self.backbone(pixel_values=pixel_values.transpose(1, 2).flip(2)).pooler_output
         return self.backbone(pixel_values=pixel_values).last_hidden_state.mean(dim=1)
 
 
 def resample_slices(slices: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """(S, 3, H, W) -> (num_frames, 3, H, W), linear along the slice axis, first/last slices kept."""
+    """(S, C, H, W) -> (num_frames, C, H, W), linear along the slice axis, first/last slices kept."""
     if slices.shape[0] == num_frames:
         return slices
     if slices.shape[0] == 1:

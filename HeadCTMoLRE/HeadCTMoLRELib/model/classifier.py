@@ -136,7 +136,8 @@ class HeadCTClassifier(nn.Module):
     ) -> ClassifierOutput:
         """Classify B volumes of S slices.
 
-        pixels: (B, S, 3, H, W) float in 0..1 (three HU windows as channels, slices inferior -> superior).
+        pixels: (B, S, C, H, W) float in 0..1 (C HU windows as channels: 3, Pillar0 headct 11; slices
+            inferior -> superior).
         slice_mask: (B, S) bool, True for slices inside the scanned volume (None: all). Masked slices are
             never fed to the backbone, get zero attention and cannot change any output.
         chunk_size: at most this many slices per backbone call (bounds memory; same results up to float
@@ -225,8 +226,8 @@ def _static_shapes_required() -> bool:
 
 
 def _checked_mask(pixels: torch.Tensor, slice_mask: torch.Tensor | None) -> torch.Tensor:
-    if pixels.dim() != 5 or pixels.shape[2] != 3:
-        raise ValueError(f"Expected pixels of shape (B, S, 3, H, W), got {tuple(pixels.shape)}.")
+    if pixels.dim() != 5 or pixels.shape[2] < 1:  # the backbone checks its own channel count (3; Pillar0: 11)
+        raise ValueError(f"Expected pixels of shape (B, S, C, H, W), got {tuple(pixels.shape)}.")
     batch, num_slices = pixels.shape[:2]
     if slice_mask is None:
         return torch.ones(batch, num_slices, dtype=torch.bool, device=pixels.device)

@@ -229,11 +229,23 @@ def _stack_budget(pre: dict, path: str) -> None:
                                 f"{MAX_STACK_VALUES:,}; this is not a head CT model this version can run")
 
 
-HU_WINDOW = list_of(number(-5000, 40000), min_items=2, max_items=2)
+HU_PAIR = list_of(number(-5000, 40000), min_items=2, max_items=2)
+MINMAX_WINDOW = "minmax"  # ct.slice_stack.MINMAX_WINDOW: the scan's own min..max range
+
+
+def HU_WINDOW(value, path):
+    """A (low, high) HU pair, or the string "minmax"."""
+    if isinstance(value, str):
+        choice(MINMAX_WINDOW)(value, path)
+    else:
+        HU_PAIR(value, path)
 
 
 def _windows_ordered(pre: dict, path: str) -> None:
-    for index, (low, high) in enumerate(pre.get("windows_hu") or []):
+    for index, window in enumerate(pre.get("windows_hu") or []):
+        if window == MINMAX_WINDOW:
+            continue
+        low, high = window
         if not high > low:
             raise SchemaError(f"{path}.windows_hu[{index}]", f"window [{low}, {high}] needs high > low")
 
@@ -243,8 +255,9 @@ PREPROCESSING = record({
     "in_plane_fov_mm": Field(number(50.0, 600.0), required=False),
     "slice_spacing_mm": Field(number(0.25, 20.0), required=False),
     "num_slices": Field(integer(1, 512), required=False),
-    "windows_hu": Field(list_of(HU_WINDOW, min_items=1, max_items=8), required=False),
+    "windows_hu": Field(list_of(HU_WINDOW, min_items=1, max_items=16), required=False),
     "alignment": Field(text(50), required=False),
+    "outside_hu": Field(number(-5000, 40000), required=False),
 }, open_keys=True, checks=(_windows_ordered, _stack_budget))
 
 LORA = record({

@@ -1,6 +1,6 @@
 """Training augmentation of slice stacks, in torch on the training device (CPU or GPU).
 
-Input and output: pixels float (B, S, 3, H, W) in 0..1 (slice inferior -> superior, row anterior ->
+Input and output: pixels float (B, S, C, H, W) in 0..1 (C windows: 3, or Pillar0's 11) (slice inferior -> superior, row anterior ->
 posterior, column patient right -> left, as preprocess.SliceStack) and slice_valid bool (B, S).
 
 The paper's augmentations, each drawn per volume:
@@ -22,7 +22,8 @@ The paper's augmentations, each drawn per volume:
     mm, i.e. up to ~0.55 mm at alpha 200, sigma 10. The field is drawn on a coarse grid of sigma / 1.5 mm
     with the variance the 1 mm grid would have, smoothed there and upsampled (same statistics, a
     fraction of the cost).
-  Outside the stack is air (0 in every window). ``slice_valid`` is resampled with the pixels (as a
+  Outside the stack is 0 in every channel: air for the default windows; for Pillar0's 11 channels this is
+  not the -1 HU outside fill of its preprocessing (a known difference at the warped border, see docs/backbones.md). ``slice_valid`` is resampled with the pixels (as a
   fourth channel): an output slice is valid when at least half of its central disc samples valid input,
   the rule preprocess uses; a volume left with no valid slice keeps its unaugmented geometry.
 - brightness: pixels multiplied by a factor in ``brightness`` (0.99-1.01);
@@ -159,7 +160,7 @@ def augment_batch(pixels: torch.Tensor, slice_valid: torch.Tensor, config: Augme
     """Augment a batch (shapes and units in the module docstring); returns new tensors (pixels in 0..1,
     slice_valid bool (B, S)). ``generator`` must live on ``pixels.device``."""
     if pixels.dim() != 5:
-        raise ValueError(f"augment_batch expects pixels (B, S, 3, H, W), got {tuple(pixels.shape)}.")
+        raise ValueError(f"augment_batch expects pixels (B, S, C, H, W), got {tuple(pixels.shape)}.")
     geometric_identity, intensity_identity = _identity(config)
     if not geometric_identity:
         pixels, slice_valid = _geometric(pixels, slice_valid, config, generator, pixel_spacing_mm, slice_spacing_mm)

@@ -29,7 +29,7 @@ batch survives a missing scan. Phantom datasets written by ``phantom.write_phant
 
 Preprocessing cache: a case's slice stack is stored under
 ``sha256(format version, sha256 of the input's bytes, PreprocessConfig)`` in a safetensors file
-(``pixels`` uint8 (S, 3, H, W) = round(255 * window value), ``slice_valid`` uint8 (S,); warnings in the
+(``pixels`` uint8 (S, C, H, W) = round(255 * window value), C = the bundle's windows (3; Pillar0 headct 11), ``slice_valid`` uint8 (S,); warnings in the
 metadata). The window values lose at most 1/510 of a window (0.16 HU in the brain window), well under
 CT noise. Default folder ``~/.cache/headct-molre/stacks``; ``HEADCT_MOLRE_CACHE`` or an argument
 overrides it. Only safetensors and JSON are read back, never pickle. Each entry carries its own key,
@@ -379,7 +379,7 @@ def cache_key(input_hash: str, preprocessing) -> str:
 
 @dataclass
 class CachedStack:
-    """A slice stack read back from the cache: ``pixels`` uint8 (S, 3, H, W) (window value * 255; slice
+    """A slice stack read back from the cache: ``pixels`` uint8 (S, C, H, W) (window value * 255; slice
     inferior -> superior, row anterior -> posterior, column right -> left), ``slice_valid`` bool (S,)."""
 
     pixels: np.ndarray
@@ -603,7 +603,7 @@ def _build_in_pool(sources: list[str], args: tuple, workers: int, record) -> lis
 
 
 def stack_batch(files: Sequence[Path]):
-    """Read cached stacks -> (pixels uint8 torch (B, S, 3, H, W), slice_valid bool torch (B, S))."""
+    """Read cached stacks -> (pixels uint8 torch (B, S, C, H, W), slice_valid bool torch (B, S))."""
     import torch
 
     stacks = [read_cached_stack(f) for f in files]
