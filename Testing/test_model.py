@@ -225,7 +225,7 @@ def test_attention_pool_is_softmax_of_query_scores():
 
 
 def test_bad_inputs_are_refused_with_a_reason(trained_2d):
-    with pytest.raises(ValueError, match=r"\(B, S, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(B, S, C, H, W\)"):
         trained_2d(torch.rand(6, 3, 32, 32))
     with pytest.raises(ValueError, match="no valid slice"):
         trained_2d(volumes(), torch.tensor([[True] * 6, [False] * 6]))
