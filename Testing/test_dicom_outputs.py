@@ -3,6 +3,10 @@ reference the source series' SOP instances and frame of reference, and carry the
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 import pydicom
 import pytest
 
@@ -86,3 +90,27 @@ def test_nifti_needs_a_generated_study_and_then_references_it(tmp_path, tiny, te
     assert all(ds.PatientName == "Anonymous^Generated" for ds in generated)
     pm = pydicom.dcmread(written["dicom_attention"])
     assert pm.FrameOfReferenceUID == generated[0].FrameOfReferenceUID
+
+
+DCIODVFY = shutil.which("dciodvfy")
+
+
+@pytest.mark.skipif(DCIODVFY is None and not os.environ.get("CI"),
+                    reason="dciodvfy (Debian dicom3tools) is not installed (.ci/run installs it; CI never skips this)")
+@pytest.mark.parametrize("source", ["dicom", "nifti"])
+def test_outputs_pass_an_independent_validator_dciodvfy(tmp_path, tiny, test_data, source):
+    """David Clunie's dciodvfy checks each object against its IOD (modules, Type 1/2/2C attributes, value
+    constraints): every error it reports fails the test (its warnings, e.g. on highdicom's defined terms, do not)."""
+    assert DCIODVFY, "CI must have dciodvfy (.ci/run installs Debian's dicom3tools)"
+    if source == "dicom":
+        prediction = inference.predict(test_data / "bad" / "00_good_control_series", tiny, "cpu")
+        written = dicom.write_dicom_outputs(prediction, tmp_path, case_id="c1")
+    else:
+        prediction = inference.predict(test_data / "real" / "derived" / "GE_head_axial_1x1x5mm.nii.gz", tiny, "cpu")
+        written = dicom.write_dicom_outputs(prediction, tmp_path, generate_study=True, case_id="c2")
+    assert set(written) == {"dicom_sr", "dicom_attention", "dicom_experts"}
+    for kind, path in written.items():
+        result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
+        report = result.stdout + result.stderr
+        errors = [line for line in report.splitlines() if line.startswith("Error")]
+        assert not errors, f"{kind} ({path.name}):\n" + "\n".join(errors)

@@ -196,7 +196,8 @@ def _parametric_map(prediction, sources: list, status: Mapping, series_number: i
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER,
         manufacturer_model_name="HeadCTMoLRE", software_versions=_software_version(), device_serial_number="0",
         contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
-        voi_lut_transformations=[hd.VOILUTTransformation(window_center=peak / 2, window_width=peak)],
+        voi_lut_transformations=[hd.VOILUTTransformation(  # LINEAR_EXACT: the window may be narrower than 1
+            window_center=peak / 2, window_width=peak, voi_lut_function="LINEAR_EXACT")],
         content_label="ATTENTION",
         content_description=_description("attention", status), series_description=_description("attention", status))
 
@@ -229,6 +230,12 @@ def _segmentation(prediction, sources: list, status: Mapping, series_number: int
         manufacturer_model_name="HeadCTMoLRE", software_versions=_software_version(), device_serial_number="0",
         content_label="EXPERTS", content_description=_description("experts", status),
         series_description=_description("experts", status))
+
+
+def _set_body_part(dataset, sources: list) -> None:
+    """General Series' Body Part Examined of the source (HEAD when it has none): without it, Laterality
+    (Type 2C, for paired body parts) cannot be judged absent, and validators (dciodvfy) report an error."""
+    dataset.BodyPartExamined = str(getattr(sources[0], "BodyPartExamined", "") or "HEAD")
 
 
 def write_dicom_outputs(prediction, out_dir: str | os.PathLike, *, source=None, series_uid: str | None = None,
@@ -265,10 +272,12 @@ def write_dicom_outputs(prediction, out_dir: str | os.PathLike, *, source=None, 
     written["dicom_sr"] = out / SR_FILE
     sr.save_as(written["dicom_sr"], enforce_file_format=True)
     pm = _parametric_map(prediction, sources, status, base + 2)
+    _set_body_part(pm, sources)
     written["dicom_attention"] = out / PM_FILE
     pm.save_as(written["dicom_attention"], enforce_file_format=True)
     seg = _segmentation(prediction, sources, status, base + 3)
     if seg is not None:
+        _set_body_part(seg, sources)
         written["dicom_experts"] = out / SEG_FILE
         seg.save_as(written["dicom_experts"], enforce_file_format=True)
     return written
