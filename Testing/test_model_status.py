@@ -64,6 +64,8 @@ def test_demo_bundle_is_labelled_synthetic_in_infer_and_info(capsys, test_data):
     code, out, _ = run(capsys, "infer", str(test_data / REAL_NIFTI), "--model", str(cli.default_demo_model()),
                        "--device", "cpu", "--top", "3")
     assert code == 0 and "SYNTHETIC MODEL" in out.splitlines()[1]
+    code, out, _ = run(capsys, "demo", "--device", "cpu", "--no-phantom", "--json")
+    assert code == 0 and json.loads(out)["model_status"]["synthetic"] is True  # at the top, not only nested
     code, out, _ = run(capsys, "info", str(cli.default_demo_model()))
     assert code == 0 and "SYNTHETIC MODEL" in out
     code, out, _ = run(capsys, "info", str(cli.default_demo_model()), "--json")

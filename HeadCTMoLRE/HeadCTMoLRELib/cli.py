@@ -101,6 +101,7 @@ def _cmd_demo(args) -> int:
     phantom = None if (args.input or args.no_phantom) else _demo_on_phantom(model, args.device, args.threads, log)
     if args.json:
         _print_json({"validation": report, "preprocessing": summary, "model": str(model),
+                     "model_status": dict(prediction.model_status),  # first, as in every other output
                      "prediction": prediction.to_json(), "outputs": {k: str(v) for k, v in written.items()},
                      "phantom": phantom})
         return EXIT_OK
