@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .davit import NativeConfig, _init_weights as init_linear_and_norm, _Mlp, load_native_folder, save_native_folder
+from .davit import NativeConfig, NativeFolderModel, _init_weights as init_linear_and_norm, _Mlp
 
 MODEL_TYPE = "pillar0_atlas"
 STEM_STRIDE = (4, 8, 8)  # (D, H, W) voxels per token
@@ -337,7 +336,7 @@ class _Stage(nn.Module):
         return xs
 
 
-class AtlasEncoder(nn.Module):
+class AtlasEncoder(NativeFolderModel, nn.Module):
     """forward(pixel_values (B, in_chans, D, H, W)) -> AtlasOutput (kept scales, (B, hidden_size) embedding)."""
 
     config_class = AtlasConfig
@@ -384,13 +383,6 @@ class AtlasEncoder(nn.Module):
         kept.append(xs[0])
         scales = [x.reshape(batch, -1, x.shape[-1]) for x in kept]
         return AtlasOutput(scales=scales, pooler_output=torch.cat([x.amax(dim=1) for x in scales], dim=1))
-
-    def save_pretrained(self, directory: str | Path, **_: Any) -> Path:
-        return save_native_folder(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, **_: Any) -> "AtlasEncoder":
-        return load_native_folder(cls, directory)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -256,7 +256,19 @@ class _Stage(nn.Module):
         return x, grid
 
 
-class DaViTImageEncoder(nn.Module):
+class NativeFolderModel:
+    """HF-like persistence of a native encoder: local folders only, config.json + model.safetensors (no pickle).
+    The class needs ``config`` (a NativeConfig) and ``config_class``."""
+
+    def save_pretrained(self, directory: str | Path, **_: Any) -> Path:
+        return save_native_folder(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **_: Any):
+        return load_native_folder(cls, directory)
+
+
+class DaViTImageEncoder(NativeFolderModel, nn.Module):
     """forward(pixel_values (N, 3, H, W), normalised) -> EncoderOutput (tokens, (N, projection_dim) embedding)."""
 
     config_class = DaViTConfig
@@ -275,15 +287,6 @@ class DaViTImageEncoder(nn.Module):
             x, grid = stage(x, grid)
         pooled = self.norm(x.mean(dim=1))
         return EncoderOutput(last_hidden_state=x, pooler_output=self.projection(pooled))
-
-    # HF-like persistence (local folders only; safetensors only) ------------------------------------
-
-    def save_pretrained(self, directory: str | Path, **_: Any) -> Path:
-        return save_native_folder(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, **_: Any) -> "DaViTImageEncoder":
-        return load_native_folder(cls, directory)
 
 
 def _init_weights(module: nn.Module) -> None:
