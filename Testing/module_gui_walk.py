@@ -208,6 +208,15 @@ def add_dicom_ct(series: Path):
 
 
 # ---------------------------------------------------------------------------------------------- fresh
+def end_walk(facts: dict) -> dict:
+    """Every walk ends here: no slot raised, and the dialogs shown go into the facts."""
+    import slicer_gui_standins as gui
+
+    assert not gui.SLOT_ERRORS, "slots raised during the walk:\n" + "\n".join(gui.SLOT_ERRORS)
+    facts["dialogs"] = gui.DIALOGS.shown
+    return facts
+
+
 def walk_fresh(args) -> dict:
     sys.modules["torch"] = None  # unimportable: any import of torch in this process raises ImportError
     from HeadCTMoLRELib.slicer import dependencies
@@ -264,9 +273,7 @@ def walk_fresh(args) -> dict:
     assert not Path(run_folder).exists(), f"the cancelled run's folder {run_folder} is left behind"
     _no_torch("on a fresh install")
     widget.cleanup()
-    assert not gui.SLOT_ERRORS, "slots raised during the walk:\n" + "\n".join(gui.SLOT_ERRORS)
-    facts["dialogs"] = gui.DIALOGS.shown
-    return facts
+    return end_walk(facts)
 
 
 # ----------------------------------------------------------------------------------------------- full
@@ -388,9 +395,7 @@ def walk_full(args) -> dict:
     widget.cleanup()
     leftovers = sorted(Path(tempfile.gettempdir()).glob("headct-molre-run-*"))
     assert not leftovers, f"run folders left in the temp folder: {leftovers}"
-    assert not gui.SLOT_ERRORS, "slots raised during the walk:\n" + "\n".join(gui.SLOT_ERRORS)
-    facts["dialogs"] = gui.DIALOGS.shown
-    return facts
+    return end_walk(facts)
 
 
 # --------------------------------------------------------------------------------------------- timing
