@@ -13,13 +13,12 @@ Without ``evaluation`` the metrics stored in the manifest are used, and their ab
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Mapping
 
 from ..model.status import bundle_status
 from .report import (CODE_LICENSE, PAPER_BIBTEX, PAPER_CITATION, STRATUM_LABELS, calibration_sentence,
-                     sorted_rows, table_markdown)
+                     format_value as _fmt, sorted_rows, table_markdown)
 
 __all__ = ["model_card", "MAX_VALUE_CHARS"]
 
@@ -28,14 +27,6 @@ MAX_VALUE_CHARS = 160
 #: Training-record keys shown elsewhere in the card (per-finding positives) or too long to be read
 #: (per-epoch history: the training log and ``history.json`` of the run hold it).
 _RECORD_SUMMARISED = ("train_positives", "history")
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
-    return "n/a" if value is None else str(value)
 
 
 def _cut(text: str, limit: int = MAX_VALUE_CHARS) -> str:

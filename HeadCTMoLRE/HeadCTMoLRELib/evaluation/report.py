@@ -326,19 +326,22 @@ def calibration_sentence(calibration: Mapping) -> str:
     is held-out and which in-sample, and how the probabilities are made."""
     bundle = calibration.get("bundle") or {}
     text = (f"- Calibration (ECE over the {bundle.get('n_findings', '?')} findings with positives, "
-            f"{calibration.get('n_bins', 10)} equal-width bins): {_fmt(calibration.get('ece_before'))} as the bundle "
+            f"{calibration.get('n_bins', 10)} equal-width bins): {format_value(calibration.get('ece_before'))} as the bundle "
             "was given (held-out)")
     if calibration.get("ece_after") is not None:
-        text += (f", {_fmt(calibration.get('ece_after'))} with {calibration.get('method') or 'temperature scaling'} "
-                 f"(T = {_fmt(calibration.get('temperature'))})"
+        text += (f", {format_value(calibration.get('ece_after'))} with {calibration.get('method') or 'temperature scaling'} "
+                 f"(T = {format_value(calibration.get('temperature'))})"
                  + (f" fitted on the {calibration['fitted_on']}" if calibration.get("fitted_on") else "")
                  + (f" ({calibration['after_is']})" if calibration.get("after_is") else " (where fitted is not recorded)"))
     if bundle.get("ece_all_findings") is not None:
-        text += f"; pooled over all {bundle.get('n_findings_all')} findings {_fmt(bundle['ece_all_findings'])}"
+        text += f"; pooled over all {bundle.get('n_findings_all')} findings {format_value(bundle['ece_all_findings'])}"
     return text
 
 
-def _fmt(value, digits: int = 3) -> str:
+def format_value(value, digits: int = 3) -> str:
+    """A value for a report line: floats to ``digits`` places (NaN as n/a), None as n/a, booleans as yes/no."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
     return "n/a" if value is None else str(value)
