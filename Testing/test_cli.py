@@ -134,6 +134,25 @@ def test_new_model_info_and_infer_end_to_end(capsys, tmp_path, test_data):
     assert "Research use only" in out
 
 
+def test_new_model_with_per_finding_pooling_runs_through_info_and_infer(capsys, tmp_path, test_data):
+    bundle_dir = tmp_path / "model"
+    code, _, _ = run(capsys, "new-model", "--backbone", "dinov3", "--size", "tiny", "--image-size", "32",
+                     "--pooling", "per_finding", "--out", str(bundle_dir))
+    assert code == 0
+    assert json.loads((bundle_dir / "manifest.json").read_text())["model"]["pooling"] == "per_finding"
+    code, out, _ = run(capsys, "info", str(bundle_dir), "--verify")
+    assert code == 0 and "Slice pooling: per finding" in out
+    code, out, _ = run(capsys, "infer", str(test_data / REAL_NIFTI), "--model", str(bundle_dir), "--device", "cpu",
+                       "--json", "--out", str(tmp_path / "out"))
+    assert code == 0
+    result = json.loads(out)
+    assert len(result["attention"]) == 40 and abs(sum(result["attention"]) - 1.0) < 1e-4
+    # a 3-D backbone has no slices to pool: refused with the reason, nothing written
+    code, _, err = run(capsys, "new-model", "--backbone", "videomae3d", "--size", "tiny", "--image-size", "32",
+                       "--pooling", "per_finding", "--out", str(tmp_path / "video"))
+    assert code == 2 and "whole volumes" in err and not (tmp_path / "video").exists()
+
+
 def test_new_model_refuses_an_existing_folder_and_unknown_family(capsys, tmp_path):
     code, _, err = run(capsys, "new-model", "--backbone", "resnet", "--size", "tiny", "--out", str(tmp_path / "x"))
     assert code == 2 and "resnet" in err

@@ -8,6 +8,7 @@ import torch
 from HeadCTMoLRELib.model.backbones import BackboneSpec
 from HeadCTMoLRELib.model.classifier import (
     AttentionPool,
+    FindingPool,
     HeadCTClassifier,
     ModelConfig,
     build_classifier,
@@ -245,6 +246,73 @@ def test_config_round_trip():
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="Unknown model settings"):
         ModelConfig.from_dict({**config.to_dict(), "dropout": 0.1})
+
+
+# Per-finding pooling (ModelConfig.pooling="per_finding") ------------------------------------------
+
+
+def per_finding_model(seed: int = 0) -> HeadCTClassifier:
+    config = ModelConfig(BackboneSpec("dinov3", "tiny", 32), FINDINGS, molre=MOLRE, pooling="per_finding")
+    model = build(config, seed)
+    make_adapters_nonzero(model)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 1, generator=torch.Generator().manual_seed(seed))
+        model.pool.log_sharpness.copy_(torch.linspace(-1.0, 1.0, FINDINGS))
+    return model
+
+
+def test_per_finding_pooling_decomposes_exactly_and_ignores_masked_slices():
+    model = per_finding_model()
+    with torch.no_grad():
+        out = model(volumes(), MASK)
+        slice_logits = out.slice_features @ model.classifier.weight.T + model.classifier.bias  # (B, S, C)
+    assert out.logits.shape == (2, FINDINGS) and out.contributions.shape == (2, 6, FINDINGS)
+    torch.testing.assert_close(out.contributions.sum(1), out.logits - model.classifier.bias)
+    # attention: the mean over findings of the per-finding weights, 0 on masked slices, summing to 1
+    torch.testing.assert_close(out.attention.sum(1), torch.ones(2))
+    assert torch.all(out.attention[~MASK] == 0) and torch.all(out.contributions[~MASK] == 0)
+    # each volume logit is the softmax(r z)-weighted mean of that finding's valid slice logits
+    sharpness = model.pool.log_sharpness.exp()
+    for b in range(2):
+        z = slice_logits[b, MASK[b]]
+        expected = (torch.softmax(z * sharpness, 0) * z).sum(0)
+        torch.testing.assert_close(out.logits[b], expected)
+    # garbage in masked slices changes nothing
+    noisy = volumes()
+    noisy[~MASK] = torch.rand(int((~MASK).sum()), 3, 32, 32) * 5
+    with torch.no_grad():
+        torch.testing.assert_close(model(noisy, MASK).logits, out.logits)
+
+
+def test_per_finding_pooling_keeps_a_finding_seen_on_one_slice_where_attention_averages_it_away():
+    pool = FindingPool(2)
+    slice_logits = torch.full((1, 40, 2), -6.0)
+    slice_logits[0, 17, 0] = 4.0  # finding 0 shows on one slice of forty; finding 1 on none
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    with torch.no_grad():
+        logits, weights = pool(slice_logits, mask)
+    assert logits[0, 0] > 3.9 and abs(float(logits[0, 1]) + 6.0) < 1e-5  # smooth maximum vs all-agreeing mean
+    assert int(weights[0, :, 0].argmax()) == 17
+    assert float(slice_logits[0, :, 0].mean()) < -5.7  # what a uniform pooling would give
+
+
+def test_per_finding_pooling_round_trips_and_old_configs_mean_attention():
+    config = ModelConfig(BackboneSpec("dinov3", "tiny", 32), FINDINGS, pooling="per_finding")
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    old = {key: value for key, value in config_2d().to_dict().items() if key != "pooling"}
+    assert ModelConfig.from_dict(old).pooling == "attention"  # bundles written before the option
+    with pytest.raises(ValueError, match="pooling must be one of attention, per_finding"):
+        ModelConfig(BackboneSpec("dinov3", "tiny", 32), FINDINGS, pooling="max")
+    with pytest.raises(ValueError, match="encodes whole volumes"):
+        build_classifier(ModelConfig(BackboneSpec("videomae3d", "tiny", 32), FINDINGS, pooling="per_finding"))
+    model = per_finding_model()
+    copy = build(ModelConfig(BackboneSpec("dinov3", "tiny", 32), FINDINGS, molre=MOLRE, pooling="per_finding"), 0)
+    load_trainable_state_dict(copy, trainable_state_dict(model))
+    assert "pool.log_sharpness" in trainable_state_dict(model)
+    with torch.no_grad():
+        torch.testing.assert_close(copy(volumes(), MASK).logits, model(volumes(), MASK).logits)
+    groups = {group["name"]: group["params"] for group in param_groups(model)}
+    assert any(p is model.pool.log_sharpness for p in groups["heads"])
 
 
 # 3-D backbone: MoLRE routes once per volume -------------------------------------------------------

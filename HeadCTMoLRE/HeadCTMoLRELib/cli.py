@@ -263,8 +263,15 @@ def _cmd_new_model(args) -> int:
         family=args.backbone, size=args.size, image_size=image_size,
         source=str(Path(args.backbone_path).resolve()) if args.backbone_path else None,
     )
-    config = model.ModelConfig(backbone=spec, num_findings=len(catalog), use_molre=not args.no_molre)
-    classifier = model.build_classifier(config, backbone_weights_dir=args.backbone_path)
+    try:
+        config = model.ModelConfig(backbone=spec, num_findings=len(catalog), use_molre=not args.no_molre,
+                                   pooling=args.pooling)
+        classifier = model.build_classifier(config, backbone_weights_dir=args.backbone_path)
+    except ValueError as error:
+        if args.pooling == "attention":
+            raise
+        print(f"error: {error}", file=sys.stderr)  # e.g. per-finding pooling asked of a 3-D backbone
+        return EXIT_REFUSED
     pre = preprocess.PreprocessConfig(**{**backbones.default_preprocessing(args.backbone, args.size),
                                          "image_size": image_size, "alignment": args.alignment})
     path = bundle.save_bundle(
@@ -489,6 +496,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--alignment", default="template", choices=("template", "center", "none"),
                    help="head-frame alignment used in preprocessing")
     p.add_argument("--no-molre", action="store_true", help="the paper's LoRA-only baseline")
+    p.add_argument("--pooling", default="attention", choices=("attention", "per_finding"),
+                   help="how slices become volume logits (2-D backbones): attention = the paper's single learned "
+                        "query (default); per_finding = each finding's smooth maximum of its slice logits, for "
+                        "findings seen on few slices")
     p.add_argument("--catalog", help="your own finding catalog CSV (default: the 75 findings)")
     p.add_argument("--bundle-backbone", action="store_true",
                    help="copy the backbone weights into the bundle (self-contained; larger)")

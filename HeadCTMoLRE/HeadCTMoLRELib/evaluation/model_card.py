@@ -106,7 +106,8 @@ def _summary(manifest: Mapping, source: Mapping) -> list[str]:
     adaptation = (f"LoRA r={lora.get('r')}, alpha={lora.get('alpha')} on {lora.get('targets')} layers; "
                   + (f"MoLRE K={molre.get('num_experts')} experts of rank {molre.get('rank')} (soft routing per slice)"
                      if model.get("use_molre", True) else "no MoLRE (the paper's LoRA-only baseline)")
-                  + "; attention pooling over slices; linear head")
+                  + ("; linear head on every slice, pooled per finding (smooth maximum over slices)"
+                     if model.get("pooling") == "per_finding" else "; attention pooling over slices; linear head"))
     total, trainable = params.get("total"), params.get("trainable")
     parameters = "not recorded"
     if isinstance(total, int) and total:

@@ -738,6 +738,8 @@ def describe(manifest: Mapping, signature=None) -> str:
             if model_cfg.get("use_molre", True)
             else "no MoLRE (LoRA-only baseline)"
         ),
+        ("Slice pooling: per finding (each finding's smooth maximum over slices)"
+         if model_cfg.get("pooling") == "per_finding" else None),
         "Parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items()) if params else None,
         f"Findings: {len(rows)} (" + ", ".join(f"{c} {n}" for c, n in categories.items())
         + f"), catalog version {str(findings.get('version', ''))[:12]}",

@@ -8,7 +8,18 @@
     v = sum_s alpha_s h_s;  logits = W v + b;  p = sigmoid(logits)
 
 Because the head is linear, logit_c = sum_s alpha_s (w_c . h_s) + b_c exactly: `contributions[b, s, c]`
-is that per-slice term. 3-D backbones encode the whole volume: MoLRE routes once per volume, there is
+is that per-slice term.
+
+``pooling="per_finding"`` (an option; the paper's is the single query above) pools each finding's slice
+logits instead, with a smooth maximum over valid slices:
+
+    z_sc = w_c . h_s + b_c;  alpha_sc = softmax_s(r_c z_sc);  logit_c = sum_s alpha_sc z_sc
+                                                                  = sum_s alpha_sc (w_c . h_s) + b_c
+
+(r_c = exp(log_sharpness_c) > 0, learned, starting at 1). A finding seen on two slices of forty then is not
+averaged away by the slices that do not show it; `contributions[b, s, c]` = alpha_sc (w_c . h_s) keeps the
+exact decomposition, and `attention` is the mean of alpha_sc over the findings (still (B, S), summing to 1).
+3-D backbones encode the whole volume: MoLRE routes once per volume, there is
 no attention over slices (`attention` is None) and `router_weights`/`contributions` have one entry
 (axis 1 of length 1) standing for the whole volume.
 """
@@ -27,6 +38,10 @@ from .molre import MoLRE, MoLREConfig
 from ..settings import reject_unknown_settings
 
 
+#: The slice poolings of ModelConfig.pooling.
+POOLINGS = ("attention", "per_finding")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild the classifier's architecture (weights are stored separately)."""
@@ -35,10 +50,15 @@ class ModelConfig:
     num_findings: int
     use_molre: bool = True
     molre: MoLREConfig = field(default_factory=MoLREConfig)
+    #: How slice features become volume logits (2-D backbones): "attention", the paper's single learned query
+    #: over slices, or "per_finding", a smooth maximum of each finding's slice logits (module docstring).
+    pooling: str = "attention"
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_findings, int) or self.num_findings < 1:
             raise ValueError(f"num_findings must be a positive integer, got {self.num_findings!r}.")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +66,7 @@ class ModelConfig:
             "num_findings": self.num_findings,
             "use_molre": self.use_molre,
             "molre": self.molre.to_dict(),
+            "pooling": self.pooling,
         }
 
     @classmethod
@@ -56,6 +77,7 @@ class ModelConfig:
             num_findings=data["num_findings"],
             use_molre=data.get("use_molre", True),
             molre=MoLREConfig.from_dict(data.get("molre", {})),
+            pooling=data.get("pooling", "attention"),  # bundles written before the option: the paper's
         )
 
 
@@ -98,8 +120,28 @@ class AttentionPool(nn.Module):
         return (attention.unsqueeze(-1) * features).sum(dim=1), attention
 
 
+class FindingPool(nn.Module):
+    """Per-finding smooth maximum of slice logits: alpha_sc = softmax over valid slices of r_c z_sc,
+    volume logit_c = sum_s alpha_sc z_sc, with r_c = exp(log_sharpness_c) learned (starting at 1: slices
+    whose logit is a few units above the rest take nearly all the weight; when all slices agree it is
+    their mean)."""
+
+    def __init__(self, num_findings: int) -> None:
+        super().__init__()
+        self.log_sharpness = nn.Parameter(torch.zeros(num_findings))
+
+    def forward(self, slice_logits: torch.Tensor, slice_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slice_logits (B, S, C), slice_mask (B, S) bool -> (volume logits (B, C), weights (B, S, C): 0 on
+        masked slices, summing to 1 over slices for each finding)."""
+        scores = slice_logits * self.log_sharpness.exp().to(slice_logits.dtype)
+        scores = scores.masked_fill(~slice_mask.unsqueeze(-1), float("-inf"))
+        weights = torch.softmax(scores, dim=1)
+        return (weights * slice_logits).sum(dim=1), weights
+
+
 class HeadCTClassifier(nn.Module):
-    """Backbone + LoRA -> MoLRE (or identity) -> attention pooling -> Linear(d, C).
+    """Backbone + LoRA -> MoLRE (or identity) -> attention pooling -> Linear(d, C) (or, with
+    ``pooling="per_finding"``, Linear(d, C) on every slice -> per-finding smooth maximum over slices).
 
     forward(pixels (B, S, 3, H, W) in 0..1, slice_mask (B, S) bool or None, *, chunk_size) -> ClassifierOutput.
     """
@@ -112,7 +154,13 @@ class HeadCTClassifier(nn.Module):
         self.encoder = encoder
         dim = encoder.feature_dim
         self.molre = MoLRE.from_config(dim, config.molre) if config.use_molre else None
-        self.pool = None if encoder.volumetric else AttentionPool(dim)
+        if encoder.volumetric and config.pooling != "attention":
+            raise ValueError(f"pooling {config.pooling!r} pools slices; the {config.backbone.family} backbone encodes "
+                             "whole volumes (no slices to pool). Leave pooling at its default.")
+        if encoder.volumetric:
+            self.pool = None
+        else:
+            self.pool = FindingPool(config.num_findings) if config.pooling == "per_finding" else AttentionPool(dim)
         self.classifier = nn.Linear(dim, config.num_findings)
 
     @property
@@ -182,9 +230,15 @@ class HeadCTClassifier(nn.Module):
         # Pooling and head in float32 even under autocast: attention and contributions are read by people.
         with torch.autocast(device_type=features.device.type, enabled=False):
             features = features.float()
-            pooled, attention = self.pool(features, slice_mask)
-            logits = self.classifier(pooled)
-            contributions = attention.unsqueeze(-1) * (features @ self.classifier.weight.T)
+            if isinstance(self.pool, FindingPool):
+                terms = features @ self.classifier.weight.T  # (B, S, C): w_c . h_s
+                logits, weights = self.pool(terms + self.classifier.bias, slice_mask)
+                contributions = weights * terms
+                attention = weights.mean(dim=-1)
+            else:
+                pooled, attention = self.pool(features, slice_mask)
+                logits = self.classifier(pooled)
+                contributions = attention.unsqueeze(-1) * (features @ self.classifier.weight.T)
         return ClassifierOutput(
             logits=logits,
             probabilities=torch.sigmoid(logits),

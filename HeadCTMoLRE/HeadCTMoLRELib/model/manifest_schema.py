@@ -288,6 +288,7 @@ MODEL = record({
     "num_findings": Field(integer(1, 2000)),
     "use_molre": Field(boolean, required=False),
     "molre": Field(MOLRE, required=False),
+    "pooling": Field(choice("attention", "per_finding"), required=False),
 }, open_keys=True)
 
 
