@@ -42,11 +42,16 @@ def test_round_trip_reproduces_the_saved_model_outputs_exactly(tmp_path):
     loaded = bundle.load_bundle(path)
     rebuilt = bundle.build_model(loaded)
     pixels, mask = _inputs()
+    saved, reloaded = classifier.state_dict(), rebuilt.state_dict()
+    assert set(saved) == set(reloaded) and all(torch.equal(saved[k], reloaded[k]) for k in saved)  # bit for bit
     with torch.no_grad():
         expected = classifier(pixels, mask)
         actual = rebuilt(pixels, mask)
-    torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=0)
-    torch.testing.assert_close(actual.router_weights, expected.router_weights, rtol=0, atol=0)
+    # The same weights give the same outputs up to a few float32 ulps: the reloaded tensors live at other memory
+    # alignments (one safetensors buffer), and on some CPUs (AMD EPYC here) the vectorised kernels then round
+    # differently (measured: 1.2e-7 at most).
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(actual.router_weights, expected.router_weights, rtol=1e-6, atol=1e-6)
     assert loaded.catalog.version == catalog.version
     assert loaded.preprocessing == pre
     assert loaded.model_config == classifier.config

@@ -126,8 +126,12 @@ def test_bundle_model_is_built_without_random_initialisation_and_matches_a_plain
     plain.eval()
     torch.manual_seed(0)
     pixels, mask = torch.rand(1, 4, 3, 32, 32), torch.ones(1, 4, dtype=torch.bool)
+    built, copied = classifier.state_dict(), plain.state_dict()
+    assert set(built) == set(copied) and all(torch.equal(built[k], copied[k]) for k in built)  # bit for bit
     with torch.no_grad():
-        torch.testing.assert_close(classifier(pixels, mask).logits, plain(pixels, mask).logits, rtol=0, atol=0)
+        # same weights, outputs equal up to a few float32 ulps: the assigned tensors keep the file buffer's memory
+        # alignment, and on some CPUs (AMD EPYC) the vectorised kernels round differently there (1.2e-7 measured)
+        torch.testing.assert_close(classifier(pixels, mask).logits, plain(pixels, mask).logits, rtol=1e-6, atol=1e-6)
     assert [n for n, p in classifier.named_parameters() if p.requires_grad] == \
         [n for n, p in plain.named_parameters() if p.requires_grad]
 
