@@ -113,9 +113,11 @@ def test_demo_training_script_runs_both_stages_and_evaluates(tmp_path):
     trained = bundle.load_bundle(out)
     pipeline = trained.manifest["training"]["demo_pipeline"]
     assert pipeline["stage_a"]["steps_run"] == 20 and pipeline["stage_a"]["status"] == "completed"
-    assert pipeline["stage_a"]["phantoms"] == {"train": 8, "val": 4, "seeds": [2024, 3024], "prevalence": 0.3,
+    assert pipeline["stage_a"]["phantoms"] == {"train": 8, "val": 4, "seeds": [2024, 3024], "prevalence": 0.2,
+                                               "train_render_spacing_mm": 1.75,
                                                "seconds": pipeline["stage_a"]["phantoms"]["seconds"]}
     assert trained.model_config.backbone.size == "demo" and trained.manifest["backbone"]["weights"]["kind"] == "bundled"
+    assert trained.model_config.pooling == "per_finding" and pipeline["stage_b"]["pooling"] == "per_finding"
     assert (work / "evaluation" / "evaluation.json").is_file() and (out / "model_card.md").is_file()
     assert "held-out phantoms (seed 77" in completed.stderr
     assert (work / "trained" / "manifest.json").is_file(), "the uncalibrated bundle stays in the work folder"
