@@ -79,7 +79,10 @@ def write_markdown(path: Path, result: dict) -> None:
         f"- Test: {result['n_test']} FRESH phantoms (seed {result['test_seed']}), never seen in training or validation.",
         "- Backbone: the demo's stage-A DINOv3-architecture ViT (4 layers, width 128, patch 8, 64 px; pre-trained on phantom slices with dense targets), frozen; "
         "LoRA r=8, alpha=16 on the attention projections in both arms; MoLRE K=6, rank 8, router hidden 256 "
-        "in the MoLRE arm only. Both heads start from the same stage-A slice head (each volume logit = mean of slice logits).",
+        "in the MoLRE arm only. Both heads start from the same stage-A slice head and pool the slices the same way ("
+        + ("per finding: each volume logit = smooth maximum of that finding's slice logits"
+           if result.get("pooling", "attention") == "per_finding" else "attention pooling: each volume logit starts as the "
+           "mean of slice logits") + ").",
         f"- Protocol (identical): focal loss gamma=2 with prevalence alpha, Repeat Factor Sampling (t=0.1), AdamW "
         f"(heads {result['config']['lr_heads']}, adapters {result['config']['lr_adapters']}), the paper's "
         f"augmentations, batch {result['config']['batch_size']}, early stopping on the validation mean AUC "
@@ -170,7 +173,7 @@ def rewrite_markdown(work: Path, markdown: Path) -> None:
     write_markdown(markdown, result)
 
 
-def reused_arm(path: Path, title: str, config) -> dict:
+def reused_arm(path: Path, title: str, config, pooling: str) -> dict:
     """The MoLRE arm from an existing bundle trained with the same settings (checked against ``config``)."""
     from HeadCTMoLRELib.model import bundle, classifier as model
 
@@ -178,7 +181,7 @@ def reused_arm(path: Path, title: str, config) -> dict:
     training = trained.manifest["training"]
     stored = {k: v for k, v in training["config"].items() if k not in ("max_minutes",)}
     wanted = {k: v for k, v in config.to_dict().items() if k not in ("max_minutes",)}
-    if stored != wanted or not trained.model_config.use_molre:
+    if stored != wanted or not trained.model_config.use_molre or trained.model_config.pooling != pooling:
         raise SystemExit(f"{path} was not trained with the comparison's settings; train both arms (drop --molre-bundle).")
     counts = training["counts"]
     return {"title": title, "bundle": str(path), "epochs_run": training["epochs_run"], "best_epoch": training["best_epoch"],
@@ -198,8 +201,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=str(demo.default_work_dir()), help="the demo's work folder (reused)")
     parser.add_argument("--n-train", type=int, default=400, help="stage-B phantoms, as the demo's --n-train")
     parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--minutes", type=float, default=4.0,
-                        help="time limit per arm, as the demo's stage B (default 4; early stopping may end an arm first)")
+    parser.add_argument("--minutes", type=float, default=6.0,
+                        help="time limit per arm, as the demo's stage B (default 6; early stopping may end an arm first)")
+    parser.add_argument("--pooling", default="per_finding", choices=("attention", "per_finding"),
+                        help="slice pooling of both arms (default per_finding, as the demo model)")
     parser.add_argument("--eval-n", type=int, default=150, help="fresh test phantoms (seed + 1)")
     parser.add_argument("--markdown", default="docs/comparison.md")
     parser.add_argument("--molre-bundle", help="use this already trained MoLRE arm (e.g. Resources/Models/demo, which is "
@@ -216,10 +221,10 @@ def main(argv=None) -> int:
     for key, use_molre, title in ARMS:
         tick = time.perf_counter()
         if key == "molre" and args.molre_bundle:
-            arms[key] = reused_arm(Path(args.molre_bundle), title, config)
+            arms[key] = reused_arm(Path(args.molre_bundle), title, config, args.pooling)
             continue
         start = demo.start_bundle(work / f"compare-start-{key}", seed=args.seed, use_molre=use_molre,
-                                  backbone_folder=backbone, origin=origin, slice_head=slice_head)
+                                  backbone_folder=backbone, origin=origin, slice_head=slice_head, pooling=args.pooling)
         result = demo.train_stage(cases_csv, start, work / f"compare-{key}", config, work / "cache", title)
         trained = bundle.load_bundle(result.bundle_path)
         counts = trained.manifest["training"]["counts"]
@@ -247,6 +252,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"), "duration_min": (time.perf_counter() - started) / 60,
         "machine": f"{torch.get_num_threads()} CPU threads", "seed": args.seed, "test_seed": args.seed + 1,
         "n_train": args.n_train, "n_test": evaluation["n_cases_evaluated"], "split": arms["molre"]["split"],
+        "pooling": args.pooling,
         "config": config.to_dict(), "arms": arms,
         "renderable": {"lora": summary_over(rendered, aucs_lora), "molre": summary_over(rendered, aucs_molre)},
         "mean_gain": comparison["mean_gain"], "mean_gain_ci": comparison["mean_gain_ci"],
