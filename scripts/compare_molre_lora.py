@@ -196,6 +196,7 @@ def main(argv=None) -> int:
     from HeadCTMoLRELib.model import bundle, classifier as model
     from HeadCTMoLRELib.evaluation.compare import read_comparison
     from HeadCTMoLRELib.evaluation.evaluate import evaluate
+    from HeadCTMoLRELib.model.manifest_schema import POOLINGS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=str(demo.default_work_dir()), help="the demo's work folder (reused)")
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--minutes", type=float, default=6.0,
                         help="time limit per arm, as the demo's stage B (default 6; early stopping may end an arm first)")
-    parser.add_argument("--pooling", default="per_finding", choices=("attention", "per_finding"),
+    parser.add_argument("--pooling", default="per_finding", choices=POOLINGS,
                         help="slice pooling of both arms (default per_finding, as the demo model)")
     parser.add_argument("--eval-n", type=int, default=150, help="fresh test phantoms (seed + 1)")
     parser.add_argument("--markdown", default="docs/comparison.md")

@@ -276,6 +276,8 @@ def portable_paths(value, work: Path, out: Path):
 
 # -------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
+    from HeadCTMoLRELib.model.manifest_schema import POOLINGS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="Resources/Models/demo", help="bundle folder to write (replaced)")
     parser.add_argument("--work", default=str(default_work_dir()),
@@ -297,7 +299,7 @@ def parse_args(argv=None):
     parser.add_argument("--stage-a-minutes", type=float, default=22.0,
                         help="time limit of stage-A training, phantoms not counted (default 22)")
     parser.add_argument("--stage-b-minutes", type=float, default=6.0, help="time limit of stage B (default 6)")
-    parser.add_argument("--pooling", default="per_finding", choices=("attention", "per_finding"),
+    parser.add_argument("--pooling", default="per_finding", choices=POOLINGS,
                         help="slice pooling of the stage-B model (ModelConfig.pooling; default per_finding: each "
                              "finding's smooth maximum over slices; attention: the paper's single query)")
     parser.add_argument("--workers", type=int, default=2, help="processes drawing phantoms (default 2)")

@@ -266,12 +266,10 @@ def _cmd_new_model(args) -> int:
     try:
         config = model.ModelConfig(backbone=spec, num_findings=len(catalog), use_molre=not args.no_molre,
                                    pooling=args.pooling)
-        classifier = model.build_classifier(config, backbone_weights_dir=args.backbone_path)
-    except ValueError as error:
-        if args.pooling == "attention":
-            raise
-        print(f"error: {error}", file=sys.stderr)  # e.g. per-finding pooling asked of a 3-D backbone
+    except ValueError as error:  # e.g. per-finding pooling asked of a 3-D backbone
+        print(f"error: {error}", file=sys.stderr)
         return EXIT_REFUSED
+    classifier = model.build_classifier(config, backbone_weights_dir=args.backbone_path)
     pre = preprocess.PreprocessConfig(**{**backbones.default_preprocessing(args.backbone, args.size),
                                          "image_size": image_size, "alignment": args.alignment})
     path = bundle.save_bundle(
@@ -414,6 +412,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with ``command``, the heavy subcommands' arguments (which import torch) are
     added only for that command, so `headct-molre validate` never pays for importing torch."""
 
+    from .model.manifest_schema import POOLINGS  # standard library only
+
     def wanted(name: str) -> bool:
         return command is None or command == name
 
@@ -496,7 +496,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--alignment", default="template", choices=("template", "center", "none"),
                    help="head-frame alignment used in preprocessing")
     p.add_argument("--no-molre", action="store_true", help="the paper's LoRA-only baseline")
-    p.add_argument("--pooling", default="attention", choices=("attention", "per_finding"),
+    p.add_argument("--pooling", default="attention", choices=POOLINGS,
                    help="how slices become volume logits (2-D backbones): attention = the paper's single learned "
                         "query (default); per_finding = each finding's smooth maximum of its slice logits, for "
                         "findings seen on few slices")

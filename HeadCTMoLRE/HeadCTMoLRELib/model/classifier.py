@@ -34,12 +34,9 @@ import torch
 from torch import nn
 
 from .backbones import BackboneSpec, SliceEncoder, VolumeEncoder, build_backbone
+from .manifest_schema import POOLINGS
 from .molre import MoLRE, MoLREConfig
 from ..settings import reject_unknown_settings
-
-
-#: The slice poolings of ModelConfig.pooling.
-POOLINGS = ("attention", "per_finding")
 
 
 @dataclass(frozen=True)
@@ -59,6 +56,9 @@ class ModelConfig:
             raise ValueError(f"num_findings must be a positive integer, got {self.num_findings!r}.")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}.")
+        if self.backbone.volumetric and self.pooling != "attention":
+            raise ValueError(f"pooling {self.pooling!r} pools slices; the {self.backbone.family} backbone encodes whole "
+                             "volumes (no slices to pool). Leave pooling at its default.")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -154,9 +154,6 @@ class HeadCTClassifier(nn.Module):
         self.encoder = encoder
         dim = encoder.feature_dim
         self.molre = MoLRE.from_config(dim, config.molre) if config.use_molre else None
-        if encoder.volumetric and config.pooling != "attention":
-            raise ValueError(f"pooling {config.pooling!r} pools slices; the {config.backbone.family} backbone encodes "
-                             "whole volumes (no slices to pool). Leave pooling at its default.")
         if encoder.volumetric:
             self.pool = None
         else:

@@ -283,12 +283,15 @@ MOLRE = record({
     "load_balance_weight": Field(number(0.0, 100.0), required=False),
 }, open_keys=True)
 
+#: ModelConfig.pooling's values (here, torch-free, so that the command line can offer them without importing torch).
+POOLINGS = ("attention", "per_finding")
+
 MODEL = record({
     "backbone": Field(MODEL_BACKBONE),
     "num_findings": Field(integer(1, 2000)),
     "use_molre": Field(boolean, required=False),
     "molre": Field(MOLRE, required=False),
-    "pooling": Field(choice("attention", "per_finding"), required=False),
+    "pooling": Field(choice(*POOLINGS), required=False),
 }, open_keys=True)
 
 

@@ -423,6 +423,8 @@ def slice_head_init(classifier, slice_head: dict[str, np.ndarray], finding_ids: 
     Other catalog rows keep their initialisation. Returns the rows copied."""
     import torch
 
+    from ..model.classifier import AttentionPool, FindingPool
+
     rows = {f: i for i, f in enumerate(catalog_ids)}
     missing = [f for f in finding_ids if f not in rows]
     if missing:
@@ -435,9 +437,9 @@ def slice_head_init(classifier, slice_head: dict[str, np.ndarray], finding_ids: 
         for column, finding in enumerate(finding_ids):
             classifier.classifier.weight[rows[finding]] = weight[column]
             classifier.classifier.bias[rows[finding]] = bias[column]
-        if classifier.pool is not None and hasattr(classifier.pool, "query"):
+        if isinstance(classifier.pool, AttentionPool):
             classifier.pool.query.zero_()
-        elif classifier.pool is not None:
+        elif isinstance(classifier.pool, FindingPool):
             classifier.pool.log_sharpness.zero_()
     return len(finding_ids)
 
