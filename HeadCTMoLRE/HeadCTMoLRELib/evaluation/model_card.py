@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
+from ..model.manifest_schema import stored_patch_stem
 from ..model.status import bundle_status
 from .report import (CODE_LICENSE, PAPER_BIBTEX, PAPER_CITATION, STRATUM_LABELS, calibration_sentence,
                      format_value as _fmt, sorted_rows, table_markdown)
@@ -127,7 +128,8 @@ def _summary(manifest: Mapping, source: Mapping) -> list[str]:
         data = "never trained (adapters at initialisation)"
     rows = [
         ("Status", status.label or "trained; research use only"),
-        ("Backbone", f"{backbone.get('family')} ({backbone.get('size')}), {backbone.get('image_size')} px, {frozen}; "
+        ("Backbone", f"{backbone.get('family')} ({backbone.get('size')}), {backbone.get('image_size')} px, "
+                     + (f"{stem} patch stem, " if (stem := stored_patch_stem(manifest)) != "linear" else "") + f"{frozen}; "
                      f"weights {weights.get('kind', '?')} ({weights.get('origin') or weights.get('folder') or 'origin unknown'})"),
         ("Adaptation", adaptation),
         ("Parameters", parameters),

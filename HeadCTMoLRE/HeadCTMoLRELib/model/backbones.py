@@ -33,6 +33,7 @@ LoRA (r=8, alpha=16 by default) wraps exactly the attention projections of every
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -46,6 +47,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..settings import reject_unknown_settings
+from .manifest_schema import patch_stem_of
+from .patch_stem import check_patch_stem, install_patch_stem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -587,20 +590,25 @@ def _load_pretrained(spec: BackboneSpec, location: Path) -> nn.Module:
     Refuses a folder whose weights miss any parameter of the architecture (no silent random init)."""
     fam = FAMILIES[spec.family]
     _, model_class = fam.classes()
-    _check_local_folder(spec, location)
+    values = _check_local_folder(spec, location)
     if fam.native:
         return model_class.from_pretrained(location)
-    model, info = model_class.from_pretrained(
-        str(location),
-        local_files_only=True,
-        attn_implementation="sdpa",
-        use_safetensors=True,
-        dtype=torch.float32,
-        output_loading_info=True,
-        **fam.fixed_overrides,
-    )
+    # a non-linear patch stem is not transformers' own: its load report would list the stem as missing and
+    # unexpected; the stem is loaded and checked below, every other key as usual
+    with _transformers_errors_only(patch_stem_of(values) != "linear"):
+        model, info = model_class.from_pretrained(
+            str(location),
+            local_files_only=True,
+            attn_implementation="sdpa",
+            use_safetensors=True,
+            dtype=torch.float32,
+            output_loading_info=True,
+            **fam.fixed_overrides,
+        )
     missing = sorted(info.get("missing_keys") or [])
     mismatched = info.get("mismatched_keys") or []
+    if patch_stem_of(values) != "linear":  # transformers built its linear stem; the folder holds another
+        missing = sorted(set(missing) - _load_patch_stem(model, location))
     if missing or mismatched:
         shown = ", ".join(map(str, (missing or mismatched)[:5]))
         raise ValueError(
@@ -611,7 +619,49 @@ def _load_pretrained(spec: BackboneSpec, location: Path) -> nn.Module:
     return model
 
 
-def _check_local_folder(spec: BackboneSpec, folder: Path) -> None:
+@contextlib.contextmanager
+def _transformers_errors_only(active: bool):
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    if active:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def _load_patch_stem(model: nn.Module, location: Path) -> set[str]:
+    """Install the non-linear patch stem the folder's config names (patch_stem.py) on a model transformers
+    built with its linear one, and load the stem's tensors from the folder's *.safetensors (read one by
+    one, strict: a missing or extra stem tensor is refused). Returns the linear stem's parameter names,
+    which transformers reported missing and which the model no longer has."""
+    from safetensors import safe_open
+
+    replaced = {f"embeddings.patch_embeddings.{name}" for name, _ in model.embeddings.patch_embeddings.named_parameters()}
+    install_patch_stem(model)
+    stem = model.embeddings.patch_embeddings
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(location.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                if key.startswith("embeddings.patch_embeddings.") or ".embeddings.patch_embeddings." in key:
+                    state[key.split("embeddings.patch_embeddings.", 1)[1]] = handle.get_tensor(key)
+    expected = set(stem.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"Backbone folder {location} does not hold the weights of its {patch_stem_of(model.config)} patch stem "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}); they would be random. Use the complete "
+            "folder written by save_pretrained()."
+        )
+    stem.load_state_dict(state, strict=True)
+    return replaced
+
+
+def _check_local_folder(spec: BackboneSpec, folder: Path) -> dict[str, Any]:
+    """Check a Hugging Face folder before anything is built; returns its config.json values."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(
@@ -643,6 +693,7 @@ def _check_local_folder(spec: BackboneSpec, folder: Path) -> None:
     if spec.family == "siglip" and isinstance(values.get("vision_config"), dict):
         values = values["vision_config"]  # a full SiGLIP checkpoint: the vision tower's part
     check_transformers_config(spec, values, where=f"Backbone folder {folder}")
+    return values
 
 
 def _random_model(spec: BackboneSpec, transformers_config: dict[str, Any] | None) -> nn.Module:
@@ -654,9 +705,10 @@ def _random_model(spec: BackboneSpec, transformers_config: dict[str, Any] | None
         config = config_class.from_dict(values)
     else:
         config = config_class(**random_init_config_dict(spec))
-    if not fam.native:
-        config._attn_implementation = "sdpa"
-    return model_class(config)
+    if fam.native:
+        return model_class(config)
+    config._attn_implementation = "sdpa"
+    return install_patch_stem(model_class(config))
 
 
 #: Bounds of the configuration values that size a backbone (a stored or downloaded config.json is checked
@@ -700,6 +752,7 @@ def check_transformers_config(spec: BackboneSpec, values: Any, where: str = "bac
         items = value if isinstance(value, (list, tuple)) and 0 < len(value) <= 16 else [value]  # per stage
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high for v in items):
             raise ValueError(f"{where}: {key}={str(value)[:40]} is outside [{low}, {high}].")
+    check_patch_stem(spec.family, values, where)
     intermediate = values.get("intermediate_size")
     if intermediate is not None and "hidden_size" in expected:
         limit = MAX_INTERMEDIATE_RATIO * expected["hidden_size"]
@@ -815,7 +868,8 @@ def lora_parameter_count(encoder: SliceEncoder | VolumeEncoder) -> int:
 def save_backbone_pretrained(encoder: SliceEncoder | VolumeEncoder, directory: str | Path) -> Path:
     """Write the frozen base model (without LoRA) as a Hugging Face folder (config.json + model.safetensors)."""
     _, model_class = FAMILIES[encoder.spec.family].classes()
-    plain = model_class(encoder.hf_config)
+    plain = model_class(encoder.hf_config) if FAMILIES[encoder.spec.family].native else install_patch_stem(
+        model_class(encoder.hf_config))
     plain.load_state_dict(base_state_dict(encoder), strict=True)
     directory = Path(directory)
     plain.save_pretrained(directory, safe_serialization=True)

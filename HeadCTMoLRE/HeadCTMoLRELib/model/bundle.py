@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import manifest_schema as schema
-from .manifest_schema import PICKLE_SUFFIXES, has_pickle_suffix
+from .manifest_schema import PICKLE_SUFFIXES, has_pickle_suffix, stored_patch_stem
 from ..atomic_files import atomic_write_bytes, atomic_write_text, recover_folder, replace_folder, staging_folder
 
 FORMAT_NAME = "headct-molre-bundle"
@@ -726,7 +726,8 @@ def describe(manifest: Mapping, signature=None) -> str:
         f"  {manifest.get('description')}" if manifest.get("description") else None,
         f"  Intended use: {manifest.get('intended_use')}",
         "  Trained on SYNTHETIC data only" if manifest.get("synthetic_training_data") else None,
-        f"Backbone: {backbone.get('family')} {backbone.get('size')} at {backbone.get('image_size')} px; weights "
+        f"Backbone: {backbone.get('family')} {backbone.get('size')} at {backbone.get('image_size')} px"
+        + (f", {stem} patch stem" if (stem := stored_patch_stem(manifest)) != "linear" else "") + "; weights "
         + (
             f"bundled (origin: {weights.get('origin')})"
             if weights.get("kind") == "bundled"

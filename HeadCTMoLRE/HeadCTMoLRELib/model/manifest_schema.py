@@ -286,6 +286,25 @@ MOLRE = record({
 #: ModelConfig.pooling's values (here, torch-free, so that the command line can offer them without importing torch).
 POOLINGS = ("attention", "per_finding")
 
+#: Patch stems of a ViT backbone (model/patch_stem.py): the transformers config key and its values; a config
+#: without the key has the linear stem of every published checkpoint.
+PATCH_STEM_KEY = "patch_stem"
+PATCH_STEMS = ("linear", "conv")
+
+
+def patch_stem_of(config: Any) -> str:
+    """"linear" or "conv": the stem a transformers config (object or dict) asks for; absent = "linear"."""
+    value = config.get(PATCH_STEM_KEY) if isinstance(config, dict) else getattr(config, PATCH_STEM_KEY, None)
+    return "linear" if value is None else value
+
+
+def stored_patch_stem(manifest: dict) -> str:
+    """The patch stem of a bundle manifest's stored backbone configuration ("linear" when none is stored)."""
+    backbone = manifest.get("backbone") if isinstance(manifest, dict) else None
+    config = backbone.get("transformers_config") if isinstance(backbone, dict) else None
+    return str(patch_stem_of(config)) if isinstance(config, dict) else "linear"
+
+
 MODEL = record({
     "backbone": Field(MODEL_BACKBONE),
     "num_findings": Field(integer(1, 2000)),
@@ -318,12 +337,18 @@ def _weights_entry(value, path) -> None:
         raise SchemaError(f"{path}.kind", f"{kind!r:.40} is not 'bundled' or 'external'")
 
 
+def _known_patch_stem(value, path) -> None:
+    stem = value["transformers_config"].get(PATCH_STEM_KEY)
+    if stem is not None:
+        choice(*PATCH_STEMS)(stem, f"{path}.transformers_config.{PATCH_STEM_KEY}")
+
+
 BACKBONE = record({
     "family": Field(text(50, non_empty=True)),
     "size": Field(text(50, non_empty=True)),
     "transformers_config": Field(mapping_of(text(200), json_document, max_items=500)),
     "weights": Field(_weights_entry),
-})
+}, checks=(_known_patch_stem,))
 
 INTEGRITY = record({
     "algorithm": Field(text(100)),
