@@ -118,6 +118,8 @@ def test_demo_training_script_runs_both_stages_and_evaluates(tmp_path):
                                                "seconds": pipeline["stage_a"]["phantoms"]["seconds"]}
     assert trained.model_config.backbone.size == "demo" and trained.manifest["backbone"]["weights"]["kind"] == "bundled"
     assert trained.model_config.pooling == "per_finding" and pipeline["stage_b"]["pooling"] == "per_finding"
+    assert pipeline["stage_a"]["patch_stem"] == "conv", "the default stage-A stem is recorded"
+    assert trained.manifest["backbone"]["transformers_config"]["patch_stem"] == "conv", "and reaches the bundle"
     assert (work / "evaluation" / "evaluation.json").is_file() and (out / "model_card.md").is_file()
     assert "held-out phantoms (seed 77" in completed.stderr
     assert (work / "trained" / "manifest.json").is_file(), "the uncalibrated bundle stays in the work folder"

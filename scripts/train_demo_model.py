@@ -5,7 +5,8 @@ SYNTHETIC DEMONSTRATION ONLY, NOT FOR CLINICAL USE: the model has never seen a p
 No foundation-model weights can be shipped or downloaded, so the demo stands in for them in two stages:
 
 1. Stage A (stand-in for foundation pre-training, ``HeadCTMoLRELib.training.pretrain``): a small ViT of the DINOv3
-   architecture (size "demo": 4 layers of width 128, patch 8, 64 px slices) is trained UNFROZEN on single
+   architecture (size "demo": 4 layers of width 128, patch 8, 64 px slices; a convolutional patch stem,
+   ``--patch-stem conv``, model/patch_stem.py, which made the one-pixel hyperdense vessel learnable) is trained UNFROZEN on single
    slices of phantoms with dense targets from the phantoms' finding masks: the CLS token predicts which
    findings the slice cuts, each patch token which findings fall into its 8 x 8 px cell. Volume labels
    alone did not train it (AUC at chance, see docs/demo_model.md). Its 5000 training phantoms are drawn on
@@ -20,7 +21,7 @@ No foundation-model weights can be shipped or downloaded, so the demo stands in 
    linear head starts from the stage-A slice head (``pretrain.slice_head_init``: each volume logit starts as
    the smooth maximum of the slice logits). The backbone is bundled (a few MB in all).
 
-Run from the repository root (about 34 minutes of training on 2 otherwise idle CPU cores, then about 5
+Run from the repository root (about 38-40 minutes of training on 2 otherwise idle CPU cores, then about 5
 minutes of calibration and evaluation; on a shared, loaded machine the time limits cut the steps and the
 result is weaker)::
 
@@ -64,6 +65,8 @@ PRETRAIN_RENDER_MM = 1.75
 #: RFS of slices with t = 1 lifted the fresh-phantom AUC by about 0.02-0.03).
 PRETRAIN_LR = 5e-4
 PRETRAIN_SLICE_REPEAT_THRESHOLD = 1.0
+#: Patch stem of the stage-A ViT (model/patch_stem.py).
+PATCH_STEM = "conv"
 #: Slices of 3.5 mm pixels (224 mm / 64 px), 20 slices of 8 mm (160 mm, skull base to vertex): what 2 CPU
 #: cores can train in minutes; the paper's three windows (brain, subdural, bone); the head is centred,
 #: not template-registered (the template fit turns analytic phantoms by about 13 degrees).
@@ -211,7 +214,9 @@ def run_stage_a(args, work: Path) -> tuple[Path, dict, dict]:
     phantom_seconds = round(time.perf_counter() - tick, 1)
     _log(f"stage A: {len(train_set)} + {len(val_set)} phantoms with dense targets in {phantom_seconds} s")
     torch.manual_seed(args.seed)
-    encoder = backbones.build_backbone(backbones.BackboneSpec("dinov3", "demo", DEMO_IMAGE_SIZE))
+    spec = backbones.BackboneSpec("dinov3", "demo", DEMO_IMAGE_SIZE)
+    encoder = backbones.build_backbone(
+        spec, transformers_config={**backbones.random_init_config_dict(spec), "patch_stem": args.patch_stem})
     hf_model = encoder.backbone.merge_and_unload()  # the plain transformers model (LoRA B is zero at the start)
     settings = pretrain.PretrainConfig(steps=args.stage_a_steps, batch_slices=32, lr=PRETRAIN_LR, eval_every=1000,
                                        seed=args.seed, max_minutes=args.stage_a_minutes,
@@ -233,7 +238,7 @@ def run_stage_a(args, work: Path) -> tuple[Path, dict, dict]:
     summary.update(phantoms={"train": len(train_set), "val": len(val_set), "seeds": [args.seed, args.seed + 1000],
                              "prevalence": args.pretrain_prevalence, "seconds": phantom_seconds,
                              "train_render_spacing_mm": args.pretrain_render_mm},
-                   finding_ids=list(train_set.finding_ids), grid=grid,
+                   finding_ids=list(train_set.finding_ids), grid=grid, patch_stem=args.patch_stem,
                    what="DINOv3-architecture ViT trained unfrozen on single phantom slices with dense targets from the "
                         "phantoms' finding masks (slice labels on the CLS token, cell labels on the patch tokens); "
                         "stand-in for foundation pre-training")
@@ -276,7 +281,7 @@ def portable_paths(value, work: Path, out: Path):
 
 # -------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    from HeadCTMoLRELib.model.manifest_schema import POOLINGS
+    from HeadCTMoLRELib.model.manifest_schema import PATCH_STEMS, POOLINGS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="Resources/Models/demo", help="bundle folder to write (replaced)")
@@ -296,12 +301,15 @@ def parse_args(argv=None):
     parser.add_argument("--stage-a-steps", type=int, default=14000,
                         help="stage-A steps of 32 slices (default 14000; when the time limit ends it first, the "
                              "learning-rate schedule follows the time, so the run still anneals)")
-    parser.add_argument("--stage-a-minutes", type=float, default=22.0,
-                        help="time limit of stage-A training, phantoms not counted (default 22)")
+    parser.add_argument("--stage-a-minutes", type=float, default=25.0,
+                        help="time limit of stage-A training, phantoms not counted (default 25)")
     parser.add_argument("--stage-b-minutes", type=float, default=6.0, help="time limit of stage B (default 6)")
     parser.add_argument("--pooling", default="per_finding", choices=POOLINGS,
                         help="slice pooling of the stage-B model (ModelConfig.pooling; default per_finding: each "
                              "finding's smooth maximum over slices; attention: the paper's single query)")
+    parser.add_argument("--patch-stem", default=PATCH_STEM, choices=PATCH_STEMS,
+                        help=f"patch stem of the stage-A ViT (model/patch_stem.py; default {PATCH_STEM}: two small "
+                             "convolutions before each 8 x 8 px token; linear: the published ViTs' one linear map)")
     parser.add_argument("--workers", type=int, default=2, help="processes drawing phantoms (default 2)")
     parser.add_argument("--evaluate", type=int, default=0, metavar="N",
                         help="then calibrate on fresh phantoms (seed + 1) and evaluate on N held-out phantoms "
