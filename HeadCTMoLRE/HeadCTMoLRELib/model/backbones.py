@@ -593,9 +593,10 @@ def _load_pretrained(spec: BackboneSpec, location: Path) -> nn.Module:
     values = _check_local_folder(spec, location)
     if fam.native:
         return model_class.from_pretrained(location)
+    own_stem = patch_stem_of(values) != "linear"
     # a non-linear patch stem is not transformers' own: its load report would list the stem as missing and
     # unexpected; the stem is loaded and checked below, every other key as usual
-    with _transformers_errors_only(patch_stem_of(values) != "linear"):
+    with _transformers_errors_only(own_stem):
         model, info = model_class.from_pretrained(
             str(location),
             local_files_only=True,
@@ -607,7 +608,7 @@ def _load_pretrained(spec: BackboneSpec, location: Path) -> nn.Module:
         )
     missing = sorted(info.get("missing_keys") or [])
     mismatched = info.get("mismatched_keys") or []
-    if patch_stem_of(values) != "linear":  # transformers built its linear stem; the folder holds another
+    if own_stem:  # transformers built its linear stem; the folder holds another
         missing = sorted(set(missing) - _load_patch_stem(model, location))
     if missing or mismatched:
         shown = ", ".join(map(str, (missing or mismatched)[:5]))
@@ -646,7 +647,7 @@ def _load_patch_stem(model: nn.Module, location: Path) -> set[str]:
     for path in sorted(location.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
-                if key.startswith("embeddings.patch_embeddings.") or ".embeddings.patch_embeddings." in key:
+                if "embeddings.patch_embeddings." in key:
                     state[key.split("embeddings.patch_embeddings.", 1)[1]] = handle.get_tensor(key)
     expected = set(stem.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -698,17 +699,23 @@ def _check_local_folder(spec: BackboneSpec, folder: Path) -> dict[str, Any]:
 
 def _random_model(spec: BackboneSpec, transformers_config: dict[str, Any] | None) -> nn.Module:
     fam = FAMILIES[spec.family]
-    config_class, model_class = fam.classes()
+    config_class, _ = fam.classes()
     if transformers_config is not None:
         check_transformers_config(spec, transformers_config)  # before anything is allocated
         values = {k: v for k, v in transformers_config.items() if k not in ("transformers_version", "architectures")}
         config = config_class.from_dict(values)
     else:
         config = config_class(**random_init_config_dict(spec))
-    if fam.native:
-        return model_class(config)
-    config._attn_implementation = "sdpa"
-    return install_patch_stem(model_class(config))
+    if not fam.native:
+        config._attn_implementation = "sdpa"
+    return _bare_model(spec.family, config)
+
+
+def _bare_model(family: str, config) -> nn.Module:
+    """The family's model class built on ``config`` (random weights), with the patch stem the config names."""
+    _, model_class = FAMILIES[family].classes()
+    model = model_class(config)
+    return model if FAMILIES[family].native else install_patch_stem(model)
 
 
 #: Bounds of the configuration values that size a backbone (a stored or downloaded config.json is checked
@@ -867,9 +874,7 @@ def lora_parameter_count(encoder: SliceEncoder | VolumeEncoder) -> int:
 
 def save_backbone_pretrained(encoder: SliceEncoder | VolumeEncoder, directory: str | Path) -> Path:
     """Write the frozen base model (without LoRA) as a Hugging Face folder (config.json + model.safetensors)."""
-    _, model_class = FAMILIES[encoder.spec.family].classes()
-    plain = model_class(encoder.hf_config) if FAMILIES[encoder.spec.family].native else install_patch_stem(
-        model_class(encoder.hf_config))
+    plain = _bare_model(encoder.spec.family, encoder.hf_config)
     plain.load_state_dict(base_state_dict(encoder), strict=True)
     directory = Path(directory)
     plain.save_pretrained(directory, safe_serialization=True)

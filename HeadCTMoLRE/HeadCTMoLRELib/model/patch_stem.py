@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from .manifest_schema import PATCH_STEM_KEY, PATCH_STEMS, patch_stem_of, stored_patch_stem  # noqa: F401 (re-exported)
+from .manifest_schema import PATCH_STEM_KEY, PATCH_STEMS, patch_stem_of
 
 #: Families whose transformers model can take the conv stem (``model.embeddings.patch_embeddings``).
 CONV_STEM_FAMILIES = ("dinov3",)
@@ -40,7 +40,7 @@ class ConvPatchStem(nn.Module):
 
     def __init__(self, in_channels: int, hidden_size: int, patch_size: int, width: int = CONV_STEM_WIDTH) -> None:
         super().__init__()
-        if patch_size < 4 or patch_size % 2:
+        if not _fits_conv_stem(patch_size):
             raise ValueError(f"A conv patch stem needs an even patch size of at least 4 px, got {patch_size}.")
         half = patch_size // 2
         # plain attribute names: transformers' checkpoint key conversion rewrites names containing "layer"
@@ -58,6 +58,11 @@ class ConvPatchStem(nn.Module):
         return self.proj(self.act(self.conv2(self.act(self.conv1(pixels)))))
 
 
+def _fits_conv_stem(patch_size: Any) -> bool:
+    """The conv stem halves twice: it needs an even integer patch of at least 4 px."""
+    return isinstance(patch_size, int) and not isinstance(patch_size, bool) and patch_size >= 4 and patch_size % 2 == 0
+
+
 def check_patch_stem(family: str, config: Any, where: str) -> None:
     """ValueError unless the config's patch stem is known and, for "conv", the family can take it."""
     stem = patch_stem_of(config)
@@ -68,7 +73,7 @@ def check_patch_stem(family: str, config: Any, where: str) -> None:
             raise ValueError(f"{where}: a conv patch stem is only built for the {list(CONV_STEM_FAMILIES)} "
                              f"families, not {family!r}.")
         patch = config.get("patch_size") if isinstance(config, dict) else getattr(config, "patch_size", None)
-        if not isinstance(patch, int) or isinstance(patch, bool) or patch < 4 or patch % 2:
+        if not _fits_conv_stem(patch):
             raise ValueError(f"{where}: a conv patch stem needs an even patch_size of at least 4 px, got {patch!r}.")
 
 
