@@ -294,3 +294,24 @@ def test_the_bundled_demo_phantom_is_what_the_generator_draws_with_its_recorded_
     stored = sitk.ReadImage(str(image_path))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(stored), again.hu)
     assert image_path.stat().st_size < 1_000_000
+
+
+def test_the_superior_sagittal_sinus_has_an_adult_cross_section():
+    """The dural sinuses are drawn at the mean adult cross-sections (anatomy.SSS_DEPTH_MM: SSS about 36 mm2);
+    they were half of that, too small to tell a thrombosed sinus from the bone at the demo's 3.5 mm pixels.
+    Where the SSS runs down the back of the head an axial slice cuts it square: its smallest posterior
+    section is its cross-section (the thrombosed sinus's mask is the whole sinus)."""
+    for seed in range(1, 40):
+        phantom = generate_phantom(["venous_sinus_thrombosis"], seed, return_masks=True)
+        if phantom.metadata["finding_params"]["venous_sinus_thrombosis"]["sinus"] == "superior_sagittal":
+            break
+    else:
+        pytest.fail("no seed drew a thrombosed superior sagittal sinus")
+    mask = phantom.finding_masks["venous_sinus_thrombosis"]
+    dx, dy, _ = phantom.image.GetSpacing()
+    rows = np.nonzero(mask.any((0, 2)))[0]
+    posterior = mask.copy()
+    posterior[:, : (rows.min() + rows.max()) // 2] = False  # LPS rows: y grows posterior
+    areas = posterior.sum((1, 2)) * dx * dy
+    assert 28.0 < areas[areas > 0].min() < 45.0
+    assert phantom.hu[mask].mean() > 65.0  # thrombosed: 70-88 HU before noise and blur

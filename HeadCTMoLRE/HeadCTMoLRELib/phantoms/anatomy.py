@@ -29,6 +29,12 @@ from .geometry import HeadGrid, ellipsoid_distance, ellipsoid_rho, segment_dista
 (AIR, SOFT, FAT, BONE, CSF, VENTRICLE, GM, WM, DEEP_GM, POSTERIOR_FOSSA, SINUS_AIR, MASTOID_AIR, BLOOD_VESSEL,
  BLOOD) = range(14)
 
+#: Dural venous sinus cross-sections (mm): superior sagittal sinus triangle depth and base, transverse sinus
+#: depth (inward from the inner table) and height. Mean adult areas on MR venography (Shapira et al.,
+#: J Clin Neurosci 2017;40:190: SSS 36.7 mm2, right / left TS 53.3 / 46.9 mm2).
+SSS_DEPTH_MM, SSS_BASE_MM = 8.1, 8.9
+TS_DEPTH_MM, TS_HEIGHT_MM = 6.75, 7.6
+
 
 class HeadAnatomy:
     """One head's parameters and its normal anatomy as ``hu`` (float32 HU) and ``tissue`` (uint8 codes)
@@ -292,16 +298,21 @@ class HeadAnatomy:
         return box, tube
 
     def _venous_sinuses(self):
+        """Superior sagittal sinus (a triangle under the inner table, 8.1 mm deep, 8.9 mm wide: 36 mm2) and
+        transverse sinuses (6.75 x 7.6 mm: 51 mm2), the mean cross-sections of healthy adults' dural sinuses
+        on MR venography (see SSS_DEPTH_MM). They were half of that before (20 and 28 mm2), which the demo's
+        3.5 mm pixels could not tell from the neighbouring bone."""
         v = self.hu_values
-        box, (x, y, dx, z) = self._local((0, 0, 20), (6, self.radii[1] + 2, self.radii[2]))
+        depth, half_base = SSS_DEPTH_MM, SSS_BASE_MM / 2
+        box, (x, y, dx, z) = self._local((0, 0, 20), (half_base + 2, self.radii[1] + 2, self.radii[2]))
         d = self.d_in[box]
-        sss = (d > -6) & (d < 0) & (np.abs(x) < (d + 6) * 0.55) & (z > 0)
+        sss = (d > -depth) & (d < 0) & (np.abs(x) < (d + depth) * (half_base / depth)) & (z > 0)
         self._paint(box, sss, v["venous_blood"], BLOOD_VESSEL)
         self.venous["superior_sagittal"] = (box, sss)
         for s in (-1, 1):
-            box, (x, y, dx, z) = self._local((s * 40, 45, -24), (32, 40, 6))
+            box, (x, y, dx, z) = self._local((s * 40, 45, -24), (32, 40, TS_HEIGHT_MM / 2 + 2))
             d = self.d_in[box]
-            ts = (d > -5) & (d < 0) & (np.abs(z + 24) < 2.8) & (y > 15) & (np.abs(x) > 6)
+            ts = (d > -TS_DEPTH_MM) & (d < 0) & (np.abs(z + 24) < TS_HEIGHT_MM / 2) & (y > 15) & (np.abs(x) > 6)
             self._paint(box, ts, v["venous_blood"], BLOOD_VESSEL)
             self.venous[f"transverse_{s}"] = (box, ts)
 
