@@ -79,6 +79,41 @@ def test_slice_head_init_with_per_finding_pooling_starts_at_the_smooth_maximum_o
     torch.testing.assert_close(out.logits[0, rows], (torch.softmax(z, 0) * z).sum(0))
 
 
+def test_an_implied_only_label_starts_from_its_single_source_row_and_shared_ones_keep_theirs():
+    """vessel_occlusion is only implied (by a hyperdense vessel): its head row starts as the vessel's, so it
+    is not left untrained; intraparenchymal_hemorrhage, implied by two chosen findings, keeps its own row."""
+    catalog = findings.default_catalog()
+    torch.manual_seed(0)
+    classifier = model.build_classifier(model.ModelConfig(backbones.BackboneSpec("dinov3", "tiny", 32), len(catalog),
+                                                          pooling="per_finding"))
+    chosen = ("hyperdense_vessel", "lobar_hemorrhage", "thalamic_hemorrhage")
+    before = classifier.classifier.weight.detach().clone()
+    head = {"weight": np.random.default_rng(2).normal(size=(3, classifier.feature_dim)).astype(np.float32),
+            "bias": np.array([0.5, -1.0, 0.2], np.float32)}
+    assert pretrain.slice_head_init(classifier, head, chosen, catalog.ids) == 4
+    weight, bias = classifier.classifier.weight.detach(), classifier.classifier.bias.detach()
+    occlusion, vessel = catalog.ids.index("vessel_occlusion"), catalog.ids.index("hyperdense_vessel")
+    torch.testing.assert_close(weight[occlusion], torch.from_numpy(head["weight"][0]))
+    assert float(bias[occlusion]) == float(bias[vessel]) == 0.5
+    iph = catalog.ids.index("intraparenchymal_hemorrhage")
+    torch.testing.assert_close(weight[iph], before[iph])
+    assert pretrain.implied_sources(chosen)["intraparenchymal_hemorrhage"] == ("lobar_hemorrhage", "thalamic_hemorrhage")
+
+
+def test_per_finding_prevalences_draw_the_focus_findings_more_often():
+    ids = ("epidural_hematoma", "atrophy")
+    table = pretrain.finding_prevalences(ids, 0.0, {"atrophy": 1.0})
+    assert table == {"epidural_hematoma": 0.0, "atrophy": 1.0}
+    data = pretrain.make_pretrain_set(3, 11, SMALL, grid=8, findings=ids, prevalence=table, workers=0)
+    assert data.volume_labels[:, 1].all() and not data.volume_labels[:, 0].any()
+    with pytest.raises(ValueError, match="not among the pre-training findings"):
+        pretrain.finding_prevalences(ids, 0.2, {"lacunar_infarct": 0.5})
+    with pytest.raises(ValueError, match="exactly the findings drawn"):
+        pretrain.make_pretrain_set(1, 11, SMALL, grid=8, findings=ids, prevalence={"atrophy": 0.5}, workers=0)
+    with pytest.raises(ValueError, match="probabilities"):
+        pretrain.make_pretrain_set(1, 11, SMALL, grid=8, findings=ids, prevalence=1.5, workers=0)
+
+
 def test_pretrain_phantoms_drawn_on_coarser_voxels_look_like_the_generators_own():
     """render_spacing_mm draws the phantoms on 1.75 mm pixels (about 5x faster); in the demo's 3.5 mm input
     they differ from the generator's own 0.9 mm phantoms of the same seed by a few grey levels only, with

@@ -26,7 +26,7 @@ import math
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -104,7 +104,7 @@ def render_geometry(seed: int, render_spacing_mm: float | None) -> dict:
 
 
 def _pretrain_sample(seed: int, preprocessing_dict: dict, grid: int, finding_ids: tuple[str, ...],
-                     prevalence: float, render_spacing_mm: float | None = None) -> tuple:
+                     prevalence: float | dict[str, float], render_spacing_mm: float | None = None) -> tuple:
     """Worker: one phantom -> (pixels uint8, slice_valid, cell labels, volume labels)."""
     from ..phantoms.generator import generate_phantom
     from ..ct.preprocess import PreprocessConfig, preprocess
@@ -124,11 +124,12 @@ def _worker_init() -> None:
 
 
 def make_pretrain_set(n: int, seed: int, preprocessing, *, grid: int, findings: Iterable[str] | None = None,
-                      prevalence: float = 0.12, workers: int | None = None,
+                      prevalence: float | Mapping[str, float] = 0.12, workers: int | None = None,
                       render_spacing_mm: float | None = None,
                       progress: Callable[[dict], None] | None = None) -> PretrainSet:
     """Draw ``n`` phantoms (case i: seed ``seed * 100000 + i``) with findings from ``findings`` (default:
-    every renderable one) at ``prevalence`` each, preprocess them with ``preprocessing`` (a
+    every renderable one) at ``prevalence`` each (a probability, or finding id -> probability for every one of
+    ``findings``: see :func:`finding_prevalences`), preprocess them with ``preprocessing`` (a
     PreprocessConfig) and compute their cell labels on a ``grid`` x ``grid`` grid. ``render_spacing_mm``:
     draw the phantoms on coarser voxels (see :func:`render_geometry`; None: the generator's own). ``workers`` processes
     (default: the CPU count, at most 8; 0 or 1: in this process). ``progress`` gets {"stage": "phantoms",
@@ -139,9 +140,18 @@ def make_pretrain_set(n: int, seed: int, preprocessing, *, grid: int, findings: 
         raise ValueError(f"need n >= 1 and a grid dividing the image size {preprocessing.image_size} px "
                          f"(got n={n}, grid={grid}).")
     seeds = [seed * 100000 + i for i in range(n)]
+    prevalence = float(prevalence) if not isinstance(prevalence, Mapping) else dict(prevalence)
+    if isinstance(prevalence, dict):
+        missing = [f for f in finding_ids if f not in prevalence]
+        extra = [f for f in prevalence if f not in finding_ids]
+        if missing or extra:
+            raise ValueError(f"per-finding prevalences must name exactly the findings drawn: missing {missing}, "
+                             f"not drawn {extra}.")
+    if not all(0.0 <= p <= 1.0 for p in (prevalence.values() if isinstance(prevalence, dict) else [prevalence])):
+        raise ValueError(f"prevalences are probabilities (0-1), got {prevalence}.")
     if render_spacing_mm is not None and not 0.3 <= float(render_spacing_mm) <= 2.0:
         raise ValueError(f"render_spacing_mm must be 0.3-2 mm (the generator's in-plane range), got {render_spacing_mm}.")
-    args = (preprocessing.to_dict(), grid, finding_ids, float(prevalence),
+    args = (preprocessing.to_dict(), grid, finding_ids, prevalence,
             None if render_spacing_mm is None else float(render_spacing_mm))
     workers = default_workers() if workers is None else int(workers)
     results = []
@@ -167,6 +177,20 @@ def make_pretrain_set(n: int, seed: int, preprocessing, *, grid: int, findings: 
     return PretrainSet(pixels=np.stack([r[0] for r in results]), slice_valid=np.stack([r[1] for r in results]),
                        cell_labels=np.stack([r[2] for r in results]), volume_labels=np.stack([r[3] for r in results]),
                        finding_ids=finding_ids, seeds=seeds)
+
+
+def finding_prevalences(finding_ids: Iterable[str], prevalence: float,
+                        focus: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Finding id -> probability per pre-training phantom: ``prevalence`` for each of ``finding_ids``, and the
+    probability given in ``focus`` for the findings it names (findings a backbone under-learns get more
+    positive slices). Raises ``ValueError`` for a focus finding that is not drawn (``make_pretrain_set`` checks
+    the values)."""
+    ids = tuple(finding_ids)
+    focus = dict(focus or {})
+    unknown = [f for f in focus if f not in ids]
+    if unknown:
+        raise ValueError(f"focus finding(s) {unknown} are not among the pre-training findings {list(ids)}.")
+    return {f: float(focus.get(f, prevalence)) for f in ids}
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -420,7 +444,10 @@ def slice_head_init(classifier, slice_head: dict[str, np.ndarray], finding_ids: 
     still identities): the rows of its Linear head for ``finding_ids`` take the slice head's weights and
     biases, so that with the pooling query at zero (uniform attention) each volume logit starts as the
     mean of the slice logits or, with ``pooling="per_finding"`` (sharpness 1), as their smooth maximum.
-    Other catalog rows keep their initialisation. Returns the rows copied."""
+    A catalog label that the pre-training findings only imply (``IMPLIED_LABELS``: vessel occlusion for a
+    hyperdense vessel, say) and that has ONE source among ``finding_ids`` starts as that source's row: on
+    phantoms its positives are the source's. Other catalog rows keep their initialisation. Returns the rows
+    copied (implied ones included)."""
     import torch
 
     from ..model.classifier import AttentionPool, FindingPool
@@ -433,15 +460,28 @@ def slice_head_init(classifier, slice_head: dict[str, np.ndarray], finding_ids: 
     if weight.shape != (len(finding_ids), classifier.feature_dim):
         raise ValueError(f"slice head of shape {tuple(weight.shape)} does not fit {len(finding_ids)} findings x "
                          f"{classifier.feature_dim} features.")
+    columns = {f: c for c, f in enumerate(finding_ids)}
+    for label, sources in implied_sources(finding_ids).items():
+        if label in rows and label not in columns and len(sources) == 1:
+            columns[label] = columns[sources[0]]
     with torch.no_grad():
-        for column, finding in enumerate(finding_ids):
+        for finding, column in columns.items():
             classifier.classifier.weight[rows[finding]] = weight[column]
             classifier.classifier.bias[rows[finding]] = bias[column]
         if isinstance(classifier.pool, AttentionPool):
             classifier.pool.query.zero_()
         elif isinstance(classifier.pool, FindingPool):
             classifier.pool.log_sharpness.zero_()
-    return len(finding_ids)
+    return len(columns)
+
+
+def implied_sources(finding_ids: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """Implied label -> the findings among ``finding_ids`` that imply it (``IMPLIED_LABELS``), in their order."""
+    sources: dict[str, list[str]] = {}
+    for finding in finding_ids:
+        for label in IMPLIED_LABELS.get(finding, ()):
+            sources.setdefault(label, []).append(finding)
+    return {label: tuple(found) for label, found in sources.items()}
 
 
 def default_workers() -> int:
@@ -449,6 +489,6 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-__all__ = ["PretrainConfig", "PretrainResult", "PretrainSet", "make_pretrain_set", "phantom_cell_labels", "render_geometry",
+__all__ = ["PretrainConfig", "PretrainResult", "PretrainSet", "finding_prevalences", "make_pretrain_set", "phantom_cell_labels", "render_geometry",
            "pretrain_backbone", "slice_head_init", "slice_repeat_factors", "volume_scores", "default_workers"]
 
