@@ -114,6 +114,8 @@ def test_demo_training_script_runs_both_stages_and_evaluates(tmp_path):
     pipeline = trained.manifest["training"]["demo_pipeline"]
     assert pipeline["stage_a"]["steps_run"] == 20 and pipeline["stage_a"]["status"] == "completed"
     assert pipeline["stage_a"]["phantoms"] == {"train": 8, "val": 4, "seeds": [2024, 3024], "prevalence": 0.2,
+                                               "focus": {f: 0.4 for f in ("chronic_subdural_hematoma",
+                                                                          "lacunar_infarct", "venous_sinus_thrombosis")},
                                                "train_render_spacing_mm": 1.75,
                                                "seconds": pipeline["stage_a"]["phantoms"]["seconds"]}
     assert trained.model_config.backbone.size == "demo" and trained.manifest["backbone"]["weights"]["kind"] == "bundled"

@@ -57,6 +57,13 @@ DEMO_PATCH = 8  # the "demo" size's patch: an 8 x 8 grid of 28 mm cells
 #: Each renderable finding's probability per stage-A phantom (more positives per finding than stage B's 0.1;
 #: with 500 phantoms 0.3 beat 0.12; with 3000-5000 phantoms 0.2 gives as many positives, less crowded heads).
 PRETRAIN_PREVALENCE = 0.2
+#: Findings drawn more often in stage A (``--pretrain-focus``, at ``--pretrain-focus-prevalence``): those whose
+#: stage-A VALIDATION AUC stayed below 0.70 in the previous demo run (chronic subdural 0.60, lacune 0.50,
+#: thrombosed sinus 0.51; docs/demo_model.md), so that they get more positive slices and cells.
+PRETRAIN_FOCUS = ("chronic_subdural_hematoma", "lacunar_infarct", "venous_sinus_thrombosis")
+PRETRAIN_FOCUS_PREVALENCE = 0.4
+#: Stage-A cap of the positive weights (1 - p) / p of the slice and cell targets (PretrainConfig.pos_weight_cap).
+PRETRAIN_POS_WEIGHT_CAP = 30.0
 #: Stage-A training phantoms are drawn on 1.75 mm pixels (about five times faster than the generator's own
 #: 0.9 mm; the 3.5 mm input pixels average 2 x 2 of them): fresh phantoms, not more steps, were what lifted
 #: stage A (docs/demo_model.md: 500 phantoms plateaued at 0.79, 3000 reached 0.85 in the same time).
@@ -205,12 +212,16 @@ def run_stage_a(args, work: Path) -> tuple[Path, dict, dict]:
     config = preprocess.PreprocessConfig(**DEMO_PREPROCESSING)
     grid = DEMO_IMAGE_SIZE // DEMO_PATCH
     tick = time.perf_counter()
+    from HeadCTMoLRELib.phantoms.findings import RENDERABLE_FINDINGS
+
+    prevalences = pretrain.finding_prevalences(RENDERABLE_FINDINGS, args.pretrain_prevalence,
+                                               {f: args.pretrain_focus_prevalence for f in args.pretrain_focus})
     train_set = pretrain.make_pretrain_set(args.n_pretrain, args.seed, config, grid=grid,
-                                           prevalence=args.pretrain_prevalence, workers=args.workers,
+                                           prevalence=prevalences, workers=args.workers,
                                            render_spacing_mm=args.pretrain_render_mm or None)
     # validated on phantoms drawn as every other phantom is (the generator's own voxels)
     val_set = pretrain.make_pretrain_set(args.n_pretrain_val, args.seed + 1000, config, grid=grid,
-                                         prevalence=args.pretrain_prevalence, workers=args.workers)
+                                         prevalence=prevalences, workers=args.workers)
     phantom_seconds = round(time.perf_counter() - tick, 1)
     _log(f"stage A: {len(train_set)} + {len(val_set)} phantoms with dense targets in {phantom_seconds} s")
     torch.manual_seed(args.seed)
@@ -219,6 +230,7 @@ def run_stage_a(args, work: Path) -> tuple[Path, dict, dict]:
         spec, transformers_config={**backbones.random_init_config_dict(spec), "patch_stem": args.patch_stem})
     hf_model = encoder.backbone.merge_and_unload()  # the plain transformers model (LoRA B is zero at the start)
     settings = pretrain.PretrainConfig(steps=args.stage_a_steps, batch_slices=32, lr=PRETRAIN_LR, eval_every=1000,
+                                       pos_weight_cap=args.pretrain_pos_weight_cap,
                                        seed=args.seed, max_minutes=args.stage_a_minutes,
                                        slice_repeat_threshold=PRETRAIN_SLICE_REPEAT_THRESHOLD)
 
@@ -236,7 +248,9 @@ def run_stage_a(args, work: Path) -> tuple[Path, dict, dict]:
     save_slice_head(work / SLICE_HEAD_FILE, head)
     summary = result.summary()
     summary.update(phantoms={"train": len(train_set), "val": len(val_set), "seeds": [args.seed, args.seed + 1000],
-                             "prevalence": args.pretrain_prevalence, "seconds": phantom_seconds,
+                             "prevalence": args.pretrain_prevalence,
+                             "focus": {f: args.pretrain_focus_prevalence for f in args.pretrain_focus},
+                             "seconds": phantom_seconds,
                              "train_render_spacing_mm": args.pretrain_render_mm},
                    finding_ids=list(train_set.finding_ids), grid=grid, patch_stem=args.patch_stem,
                    what="DINOv3-architecture ViT trained unfrozen on single phantom slices with dense targets from the "
@@ -291,6 +305,14 @@ def parse_args(argv=None):
     parser.add_argument("--n-pretrain", type=int, default=5000, help="stage-A training phantoms (default 5000)")
     parser.add_argument("--pretrain-prevalence", type=float, default=PRETRAIN_PREVALENCE,
                         help=f"each renderable finding's probability per stage-A phantom (default {PRETRAIN_PREVALENCE})")
+    parser.add_argument("--pretrain-focus", nargs="*", default=list(PRETRAIN_FOCUS), metavar="FINDING",
+                        help="findings drawn at --pretrain-focus-prevalence in stage A (default: "
+                             f"{' '.join(PRETRAIN_FOCUS)}, the ones stage A under-learned; none: all alike)")
+    parser.add_argument("--pretrain-focus-prevalence", type=float, default=PRETRAIN_FOCUS_PREVALENCE,
+                        help=f"their probability per stage-A phantom (default {PRETRAIN_FOCUS_PREVALENCE})")
+    parser.add_argument("--pretrain-pos-weight-cap", type=float, default=PRETRAIN_POS_WEIGHT_CAP, metavar="W",
+                        help="stage-A cap of the positive weights (1 - p) / p of slice and cell targets (default "
+                             f"{PRETRAIN_POS_WEIGHT_CAP:g}; the cells of the smallest findings reach it first)")
     parser.add_argument("--pretrain-render-mm", type=float, default=PRETRAIN_RENDER_MM, metavar="MM",
                         help=f"draw the stage-A training phantoms on MM x MM pixels (0.3-2; default {PRETRAIN_RENDER_MM}; "
                              "0: the generator's own 0.88-0.98 mm); validation phantoms always use the generator's own")
