@@ -76,7 +76,8 @@ def write_markdown(path: Path, result: dict) -> None:
         "",
         f"- Training: {result['n_train']} phantoms (seed {result['seed']}; {result['split']['train']} train / "
         f"{result['split']['val']} validation, the same split for both arms).",
-        f"- Test: {result['n_test']} FRESH phantoms (seed {result['test_seed']}), never seen in training or validation.",
+        f"- Test: {result['n_test']} FRESH phantoms (seed {result['test_seed']}), never seen in training or validation "
+        "(the demo's calibration phantoms are the same seed: its calibration is a monotonic map per finding, AUCs unchanged).",
         "- Backbone: the demo's stage-A DINOv3-architecture ViT (4 layers, width 128, patch 8, 64 px; pre-trained on phantom slices with dense targets), frozen; "
         "LoRA r=8, alpha=16 on the attention projections in both arms; MoLRE K=6, rank 8, router hidden 256 "
         "in the MoLRE arm only. Both heads start from the same stage-A slice head and pool the slices the same way ("
