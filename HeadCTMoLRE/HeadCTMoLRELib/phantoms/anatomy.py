@@ -298,10 +298,9 @@ class HeadAnatomy:
         return box, tube
 
     def _venous_sinuses(self):
-        """Superior sagittal sinus (a triangle under the inner table, 8.1 mm deep, 8.9 mm wide: 36 mm2) and
-        transverse sinuses (6.75 x 7.6 mm: 51 mm2), the mean cross-sections of healthy adults' dural sinuses
-        on MR venography (see SSS_DEPTH_MM). They were half of that before (20 and 28 mm2), which the demo's
-        3.5 mm pixels could not tell from the neighbouring bone."""
+        """Superior sagittal sinus (a triangle under the inner table, SSS_DEPTH_MM deep and SSS_BASE_MM wide)
+        and transverse sinuses (TS_DEPTH_MM x TS_HEIGHT_MM): the mean adult cross-sections (see the constants).
+        They were about half of that before, which the demo's 3.5 mm pixels could not tell from the bone."""
         v = self.hu_values
         depth, half_base = SSS_DEPTH_MM, SSS_BASE_MM / 2
         box, (x, y, dx, z) = self._local((0, 0, 20), (half_base + 2, self.radii[1] + 2, self.radii[2]))

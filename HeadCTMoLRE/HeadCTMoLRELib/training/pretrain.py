@@ -140,14 +140,17 @@ def make_pretrain_set(n: int, seed: int, preprocessing, *, grid: int, findings: 
         raise ValueError(f"need n >= 1 and a grid dividing the image size {preprocessing.image_size} px "
                          f"(got n={n}, grid={grid}).")
     seeds = [seed * 100000 + i for i in range(n)]
-    prevalence = float(prevalence) if not isinstance(prevalence, Mapping) else dict(prevalence)
-    if isinstance(prevalence, dict):
-        missing = [f for f in finding_ids if f not in prevalence]
-        extra = [f for f in prevalence if f not in finding_ids]
-        if missing or extra:
-            raise ValueError(f"per-finding prevalences must name exactly the findings drawn: missing {missing}, "
-                             f"not drawn {extra}.")
-    if not all(0.0 <= p <= 1.0 for p in (prevalence.values() if isinstance(prevalence, dict) else [prevalence])):
+    if isinstance(prevalence, Mapping):
+        if set(prevalence) != set(finding_ids):
+            raise ValueError(f"per-finding prevalences must name exactly the findings drawn: missing "
+                             f"{[f for f in finding_ids if f not in prevalence]}, not drawn "
+                             f"{[f for f in prevalence if f not in finding_ids]}.")
+        prevalence = {f: float(prevalence[f]) for f in finding_ids}
+        values = list(prevalence.values())
+    else:
+        prevalence = float(prevalence)
+        values = [prevalence]
+    if not all(0.0 <= p <= 1.0 for p in values):
         raise ValueError(f"prevalences are probabilities (0-1), got {prevalence}.")
     if render_spacing_mm is not None and not 0.3 <= float(render_spacing_mm) <= 2.0:
         raise ValueError(f"render_spacing_mm must be 0.3-2 mm (the generator's in-plane range), got {render_spacing_mm}.")
