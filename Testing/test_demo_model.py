@@ -58,6 +58,23 @@ def test_models_manifest_offers_the_demo_bundle():
     assert len(demo) == 1 and demo[0]["path"] == "Models/demo" and demo[0]["synthetic"] is True
 
 
+def test_the_model_list_quotes_the_shipped_demos_own_held_out_figures():
+    """The model list's title and description (what the Slicer module's model box shows) quote the demo's
+    mean AUC and ECE as its manifest records them (held-out): a retrained demo cannot leave old figures."""
+    import re
+
+    entry = next(e for e in json.loads((REPO / "Resources" / "Models.json").read_text(encoding="utf-8"))["models"]
+                 if e["id"] == "demo")
+    metrics = bundle.read_manifest(REPO / "Resources" / entry["path"])["metrics"]
+    assert metrics["figures"] == "held-out"
+    text = entry["title"] + " " + entry["description"]
+    quoted_auc = re.findall(r"mean AUC (?:of )?(\d\.\d+)", text)
+    quoted_ece = re.findall(r"ECE (\d\.\d+)", text)
+    assert quoted_auc and quoted_ece, text
+    assert {float(a) for a in quoted_auc} == {round(metrics["mean_auc"], 2)}, (quoted_auc, metrics["mean_auc"])
+    assert {float(e) for e in quoted_ece} == {round(metrics["ece"], 2)}, (quoted_ece, metrics["ece"])
+
+
 # --------------------------------------------------- train_backbone (end-to-end training of the backbone)
 def test_train_backbone_trains_and_bundles_the_backbone_and_resumes_exactly(tmp_path):
     import torch
@@ -107,6 +124,7 @@ def test_demo_training_script_runs_both_stages_and_evaluates(tmp_path):
     completed = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "train_demo_model.py"), "--out", str(out), "--work", str(work),
          "--n-pretrain", "8", "--n-pretrain-val", "4", "--n-train", "40", "--stage-a-steps", "20",
+         "--curriculum-minutes", "1", "--n-curriculum", "6", "--curriculum-steps", "10",
          "--stage-b-minutes", "1.0", "--evaluate", "10", "--calibrate", "10", "--eval-seed", "77"],
         capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -118,6 +136,10 @@ def test_demo_training_script_runs_both_stages_and_evaluates(tmp_path):
                                                                           "lacunar_infarct", "venous_sinus_thrombosis")},
                                                "train_render_spacing_mm": 1.75,
                                                "seconds": pipeline["stage_a"]["phantoms"]["seconds"]}
+    curriculum = pipeline["stage_a"]["curriculum"]
+    assert curriculum["findings"] == ["chronic_subdural_hematoma", "lacunar_infarct", "venous_sinus_thrombosis"]
+    assert curriculum["steps_run"] == 10 and curriculum["phantoms"] == {"train": 6, "val": 4, "seeds": [4024, 5024]}
+    assert curriculum["prevalence"] == 0.5 and "stage A curriculum (focus findings alone) step 10" in completed.stderr
     assert trained.model_config.backbone.size == "demo" and trained.manifest["backbone"]["weights"]["kind"] == "bundled"
     assert trained.model_config.pooling == "per_finding" and pipeline["stage_b"]["pooling"] == "per_finding"
     assert pipeline["stage_a"]["patch_stem"] == "conv", "the default stage-A stem is recorded"

@@ -177,6 +177,28 @@ def test_pretraining_is_cancellable_and_keeps_the_best_weights():
     assert not vit.training  # left in eval mode with the kept weights
 
 
+def test_a_curriculum_part_starts_its_heads_from_the_earlier_part_for_the_findings_both_have():
+    """The second part of a curriculum (every finding) starts the slice and cell head rows of the findings
+    the first part trained alone from that part's kept rows; the other rows start fresh. With lr 0 nothing
+    moves, so the kept heads show the start exactly."""
+    first_ids, all_ids = ["atrophy"], ["epidural_hematoma", "atrophy"]
+    alone = pretrain.make_pretrain_set(3, 31, SMALL, grid=8, findings=first_ids, prevalence=0.5, workers=0)
+    every = pretrain.make_pretrain_set(3, 32, SMALL, grid=8, findings=all_ids, prevalence=0.5, workers=0)
+    encoder, vit = _demo_vit()
+    first = pretrain.pretrain_backbone(vit, encoder.normalise, alone, alone,
+                                       pretrain.PretrainConfig(steps=3, batch_slices=4, eval_every=3, lr=1e-3))
+    assert first.cell_head["weight"].shape == (1, 128) and first.cell_head["bias"].shape == (1,)
+    assert "cell_head" not in first.summary() and "slice_head" not in first.summary()
+    frozen = pretrain.PretrainConfig(steps=2, batch_slices=4, eval_every=2, lr=0.0, seed=5)
+    second = pretrain.pretrain_backbone(vit, encoder.normalise, every, every, frozen, earlier=(first, first_ids))
+    for head in ("slice_head", "cell_head"):
+        np.testing.assert_array_equal(getattr(second, head)["weight"][1], getattr(first, head)["weight"][0])
+        np.testing.assert_array_equal(getattr(second, head)["bias"][1], getattr(first, head)["bias"][0])
+        assert not np.allclose(getattr(second, head)["weight"][0], getattr(first, head)["weight"][0])
+    fresh = pretrain.pretrain_backbone(vit, encoder.normalise, every, every, frozen)
+    assert not np.allclose(fresh.slice_head["weight"][1], first.slice_head["weight"][0]), "without earlier: fresh rows"
+
+
 def test_slice_repeat_factors_by_hand():
     # 4 slices, 2 findings: finding 0 cut by 1 slice (share 0.25), finding 1 by 2 (share 0.5)
     targets = np.array([[1, 0], [0, 0], [0, 1], [0, 1]])

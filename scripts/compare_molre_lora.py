@@ -5,7 +5,7 @@ small phantom-pretrained backbone, nothing about real scans or the paper's found
 
 Both arms start from the stage-A backbone of scripts/train_demo_model.py (frozen), use the same training
 and validation phantoms (same split), the same seed, the same protocol (stage-B settings: focal loss,
-RFS, AdamW with heads 3e-3 / adapters 1e-3, augmentation, early stopping, the same time limit) and
+RFS, AdamW with the demo's stage-B learning rates, augmentation, early stopping, the same time limit) and
 differ only in ``use_molre``. Both are evaluated on the same fresh phantoms (paired bootstrap of the
 per-finding AUC differences, MoLRE minus LoRA-only). The result is written, whatever it is, to
 ``docs/comparison.md``.

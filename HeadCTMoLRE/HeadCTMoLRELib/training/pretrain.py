@@ -242,7 +242,8 @@ def slice_repeat_factors(slice_targets: np.ndarray, threshold: float) -> np.ndar
 class PretrainResult:
     """``status``: "completed", "time_limit" or "cancelled"; ``history``: one record per validation
     (step, loss, val_mean_auc, seconds); ``best_step`` / ``best_val_mean_auc`` / ``per_finding_auc`` of the
-    kept weights; ``slice_head``: {"weight": (F, d), "bias": (F,)} float32 numpy of the kept slice head."""
+    kept weights; ``slice_head`` / ``cell_head``: {"weight": (F, d), "bias": (F,)} float32 numpy of the kept
+    slice and cell heads (rows in the order of the training set's finding ids)."""
 
     status: str
     steps_run: int
@@ -252,11 +253,12 @@ class PretrainResult:
     history: list[dict]
     seconds: float
     slice_head: dict[str, np.ndarray]
+    cell_head: dict[str, np.ndarray]
     config: dict[str, Any]
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (no weights)."""
-        return {k: v for k, v in asdict(self).items() if k != "slice_head"}
+        return {k: v for k, v in asdict(self).items() if k not in ("slice_head", "cell_head")}
 
 
 def _token_layout(hf_model) -> tuple[int, int, int]:
@@ -276,6 +278,20 @@ class _DenseHeads:
 
     def parameters(self):
         return list(self.slice.parameters()) + list(self.cell.parameters())
+
+    def start_from(self, earlier: "PretrainResult", earlier_ids: Sequence[str], finding_ids: Sequence[str]) -> list[str]:
+        """Copy the rows of an earlier run's slice and cell heads into these heads, for the findings both
+        runs have (matched by id); returns those ids. The other rows keep their fresh initialisation."""
+        import torch
+
+        shared = [f for f in finding_ids if f in earlier_ids]
+        with torch.no_grad():
+            for layer, head in ((self.slice, earlier.slice_head), (self.cell, earlier.cell_head)):
+                for f in shared:
+                    row, old_row = finding_ids.index(f), list(earlier_ids).index(f)
+                    layer.weight[row] = torch.from_numpy(head["weight"][old_row])
+                    layer.bias[row] = float(head["bias"][old_row])
+        return shared
 
 
 def _forward(hf_model, heads: _DenseHeads, pixels_u8, normalise, grid: int):
@@ -324,7 +340,8 @@ def _positive_weight(frequency, cap: float):
 
 def pretrain_backbone(hf_model, normalise: Callable, train: PretrainSet, val: PretrainSet,
                       config: PretrainConfig | None = None, *, progress: Callable[[dict], None] | None = None,
-                      should_stop: Callable[[], bool] | None = None) -> PretrainResult:
+                      should_stop: Callable[[], bool] | None = None,
+                      earlier: tuple[PretrainResult, Sequence[str]] | None = None) -> PretrainResult:
     """Train every parameter of ``hf_model`` (a transformers DINOv3/DINOv2-style ViT with ``pooler_output``)
     on ``train`` with dense targets; validate on ``val``; keep (and leave loaded) the best weights.
 
@@ -332,7 +349,9 @@ def pretrain_backbone(hf_model, normalise: Callable, train: PretrainSet, val: Pr
     ``normalise``). The image size must equal the patch size times ``train.grid``. ``progress`` gets
     {"stage": "pretrain", "step", "steps", "loss", "seconds"} every 50 steps and {"stage": "validate",
     "step", "val_mean_auc"} after each validation; ``should_stop()`` returning True cancels (the best
-    weights so far are kept). Raises ValueError for mismatched data."""
+    weights so far are kept). ``earlier``: (the result of an earlier run on the same model, its finding ids):
+    the heads start from its rows for the findings both runs have, e.g. the second part of a curriculum
+    that first trained a few findings alone. Raises ValueError for mismatched data."""
     import torch
     import torch.nn.functional as F
 
@@ -351,6 +370,8 @@ def pretrain_backbone(hf_model, normalise: Callable, train: PretrainSet, val: Pr
         parameter.requires_grad_(True)
     hf_model.train()
     heads = _DenseHeads(dim, len(train.finding_ids))
+    if earlier is not None:
+        heads.start_from(earlier[0], earlier[1], list(train.finding_ids))
     pixels = torch.from_numpy(train.pixels).flatten(0, 1)
     cells = torch.from_numpy(train.cell_labels).flatten(0, 1)
     valid_index = torch.from_numpy(train.slice_valid.reshape(-1)).nonzero().squeeze(1)
@@ -395,7 +416,8 @@ def pretrain_backbone(hf_model, normalise: Callable, train: PretrainSet, val: Pr
             best.update(auc=mean_auc, step=at_step,
                         per={f: round(float(a), 4) for f, a in zip(train.finding_ids, aucs) if np.isfinite(a)},
                         state=({k: v.detach().clone() for k, v in hf_model.state_dict().items()},
-                               weight.clone(), bias.clone()))
+                               weight.clone(), bias.clone(), heads.cell.weight.detach().clone(),
+                               heads.cell.bias.detach().clone()))
 
     for step in range(1, config.steps + 1):
         cancelled = bool(should_stop and should_stop())
@@ -432,13 +454,15 @@ def pretrain_backbone(hf_model, normalise: Callable, train: PretrainSet, val: Pr
         validate(step)
     if best["state"] is None:
         raise ValueError("pre-training stopped before its first step; give it more time.")
-    state, weight, bias = best["state"]
+    state, weight, bias, kept_cell_weight, kept_cell_bias = best["state"]
     hf_model.load_state_dict(state)
     hf_model.eval()
     return PretrainResult(status=status, steps_run=step, best_step=best["step"], best_val_mean_auc=best["auc"],
                           per_finding_auc=best["per"], history=history,
                           seconds=round(time.perf_counter() - started, 1),
                           slice_head={"weight": weight.numpy().astype(np.float32), "bias": bias.numpy().astype(np.float32)},
+                          cell_head={"weight": kept_cell_weight.numpy().astype(np.float32),
+                                     "bias": kept_cell_bias.numpy().astype(np.float32)},
                           config=asdict(config))
 
 
