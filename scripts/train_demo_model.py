@@ -67,7 +67,7 @@ PRETRAIN_FOCUS_PREVALENCE = 0.4
 #: phantoms that hold only them (at CURRICULUM_PREVALENCE each), then every finding, the heads starting from the
 #: first part's rows; both parts share ``--stage-a-minutes``. Measured (docs/demo_model.md): 7 minutes alone took
 #: the lacune to 0.86 on focus-only validation phantoms, but after the 29-finding part it was back at 0.46 and
-#: the held-out mean fell (0.906 against 0.914), so the shipped demo does not use it.
+#: the held-out mean fell (0.904 against 0.914 over the rendered findings), so the shipped demo does not use it.
 CURRICULUM_MINUTES = 0.0
 CURRICULUM_PREVALENCE = 0.5
 #: Stage-A cap of the positive weights (1 - p) / p of the slice and cell targets (PretrainConfig.pos_weight_cap).
