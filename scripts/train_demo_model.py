@@ -235,12 +235,14 @@ def run_stage_a(args, work: Path) -> tuple[Path, dict, dict]:
     focus = {f: args.pretrain_focus_prevalence for f in args.pretrain_focus}
     prevalences = pretrain.finding_prevalences(RENDERABLE_FINDINGS, args.pretrain_prevalence, focus)
     curriculum = bool(args.pretrain_focus) and args.curriculum_minutes > 0
-    if curriculum:  # the focus findings alone, on phantoms of their own (seeds apart from the others)
-        first_sets = [pretrain.make_pretrain_set(n, seed, config, grid=grid, findings=args.pretrain_focus,
-                                                 prevalence=CURRICULUM_PREVALENCE, workers=args.workers,
-                                                 render_spacing_mm=render_mm)
-                      for n, seed, render_mm in ((args.n_curriculum, args.seed + 2000, args.pretrain_render_mm or None),
-                                                 (args.n_pretrain_val, args.seed + 3000, None))]
+    first_seeds = [args.seed + 2000, args.seed + 3000]  # the curriculum's own phantoms, apart from the others
+    if curriculum:  # the focus findings alone (training phantoms on coarser voxels, validation on the generator's)
+        first_sets = [pretrain.make_pretrain_set(args.n_curriculum, first_seeds[0], config, grid=grid,
+                                                 findings=args.pretrain_focus, prevalence=CURRICULUM_PREVALENCE,
+                                                 workers=args.workers, render_spacing_mm=args.pretrain_render_mm or None),
+                      pretrain.make_pretrain_set(args.n_pretrain_val, first_seeds[1], config, grid=grid,
+                                                 findings=args.pretrain_focus, prevalence=CURRICULUM_PREVALENCE,
+                                                 workers=args.workers)]
     train_set = pretrain.make_pretrain_set(args.n_pretrain, args.seed, config, grid=grid,
                                            prevalence=prevalences, workers=args.workers,
                                            render_spacing_mm=args.pretrain_render_mm or None)
@@ -279,7 +281,7 @@ def run_stage_a(args, work: Path) -> tuple[Path, dict, dict]:
         first_summary = {**first.summary(), "findings": list(first_sets[0].finding_ids),
                          "prevalence": CURRICULUM_PREVALENCE,
                          "phantoms": {"train": len(first_sets[0]), "val": len(first_sets[1]),
-                                      "seeds": [args.seed + 2000, args.seed + 3000]}}
+                                      "seeds": first_seeds}}
         _log(f"stage A curriculum: {first.status}, best step {first.best_step} of {first.steps_run}, val AUC "
              f"{first.per_finding_auc}; every finding next, {minutes:.1f} min")
     result = pretrain.pretrain_backbone(hf_model, encoder.normalise, train_set, val_set,

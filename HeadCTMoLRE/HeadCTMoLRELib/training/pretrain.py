@@ -279,19 +279,18 @@ class _DenseHeads:
     def parameters(self):
         return list(self.slice.parameters()) + list(self.cell.parameters())
 
-    def start_from(self, earlier: "PretrainResult", earlier_ids: Sequence[str], finding_ids: Sequence[str]) -> list[str]:
+    def start_from(self, earlier: "PretrainResult", earlier_ids: Sequence[str], finding_ids: Sequence[str]) -> None:
         """Copy the rows of an earlier run's slice and cell heads into these heads, for the findings both
-        runs have (matched by id); returns those ids. The other rows keep their fresh initialisation."""
+        runs have (matched by id). The other rows keep their fresh initialisation."""
         import torch
 
-        shared = [f for f in finding_ids if f in earlier_ids]
+        earlier_row = {f: k for k, f in enumerate(earlier_ids)}
         with torch.no_grad():
             for layer, head in ((self.slice, earlier.slice_head), (self.cell, earlier.cell_head)):
-                for f in shared:
-                    row, old_row = finding_ids.index(f), list(earlier_ids).index(f)
-                    layer.weight[row] = torch.from_numpy(head["weight"][old_row])
-                    layer.bias[row] = float(head["bias"][old_row])
-        return shared
+                for row, f in enumerate(finding_ids):
+                    if f in earlier_row:
+                        layer.weight[row] = torch.from_numpy(head["weight"][earlier_row[f]])
+                        layer.bias[row] = float(head["bias"][earlier_row[f]])
 
 
 def _forward(hf_model, heads: _DenseHeads, pixels_u8, normalise, grid: int):
